@@ -1,0 +1,186 @@
+"""The `llmfab` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from llmfab.errors import LlmfabError
+
+app = typer.Typer(
+    name="llmfab",
+    help="LLM pre- and post-training recipes (Qwen2, AFM, Gemma 2, Llama 3.1) as tracked, resumable pipelines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Object store root: path, file://, s3://bucket/prefix [default: $LLMFAB_STORE or ./llmfab-store]",
+    ),
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db]"),
+]
+ExperimentOpt = Annotated[
+    str | None, typer.Option("--experiment", help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or llmfab]")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config value: STEP.FIELD=VALUE or models.NAME.FIELD=VALUE (VALUE is YAML)"
+    ),
+]
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def run(
+    family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2, llama31, or a recipe YAML path")],
+    preset: Annotated[str, typer.Option(help="Recipe preset: tiny, or a real-size one")] = "tiny",
+    store: StoreOpt = None,
+    tracking_uri: TrackingOpt = None,
+    experiment: ExperimentOpt = None,
+    run_name: Annotated[str | None, typer.Option(help="Name of the pipeline run [default: FAMILY-PRESET-TIME]")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these steps (and what they need)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a family's recipe end to end, tracked in MLflow, checkpoints in the object store."""
+    from llmfab.config.recipe import load_recipe
+    from llmfab.recipe_runner import run_recipe
+
+    try:
+        recipe = load_recipe(family, preset, set_ or [])
+        result = run_recipe(
+            recipe, store_uri=store, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, only=only
+        )
+    except LlmfabError as exc:
+        _fail(exc)
+    table = Table(title=f"{result.run_name} (MLflow run {result.run_id})")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    table.add_column("outputs", overflow="fold")
+    for step_id, res in result.steps.items():
+        table.add_row(step_id, f"{res.seconds:.1f}", "\n".join(f"{k}: {v}" for k, v in res.outputs.items()))
+    Console().print(table)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage name (see `llmfab stages`)")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML")] = None,
+    input_: Annotated[list[str] | None, typer.Option("--input", "-i", help="Input as NAME=URI")] = None,
+    output: Annotated[str | None, typer.Option(help="Where outputs go [default: STORE/stages/NAME-TIME]")] = None,
+    store: StoreOpt = None,
+    tracking_uri: TrackingOpt = None,
+    experiment: ExperimentOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run one stage with a config file; prints its outputs as JSON."""
+    from llmfab.config.base import apply_overrides
+    from llmfab.stages.runner import default_output_store, run_stage
+    from llmfab.storage import open_store
+    from llmfab.tracking import Tracker
+
+    try:
+        data = {}
+        if config is not None:
+            if not config.is_file():
+                raise LlmfabError(f"{config}: no such config file")
+            try:
+                data = yaml.safe_load(config.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise LlmfabError(f"{config}: invalid YAML: {exc}") from None
+        data = apply_overrides(data, set_ or [])
+        inputs = {}
+        for item in input_ or []:
+            key, sep, uri = item.partition("=")
+            if not sep or not key or not uri:
+                raise LlmfabError(f"--input {item!r}: expected NAME=URI")
+            inputs[key] = uri
+        from llmfab.stages import get_stage
+
+        spec = get_stage(name)
+        cfg = spec.make_config(data, str(config) if config else "config")
+        out_store = open_store(output) if output else default_output_store(name, open_store(store))
+        result = run_stage(name, cfg, inputs, store=out_store, tracker=Tracker(tracking_uri, experiment))
+    except LlmfabError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"outputs": result.outputs, "metrics": result.metrics, "run_id": result.run_id}, indent=2))
+
+
+@app.command()
+def stages() -> None:
+    """List the stages with their inputs and outputs."""
+    from llmfab.stages import all_stages
+
+    table = Table(title="stages")
+    for col in ("stage", "inputs", "outputs", "what it does"):
+        table.add_column(col)
+    for name, spec in all_stages().items():
+        table.add_row(name, ", ".join(spec.inputs) or "-", ", ".join(spec.outputs), spec.doc)
+    Console().print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the family recipes and their presets."""
+    from llmfab.config.recipe import RecipeFile, list_families, recipe_path
+
+    table = Table(title="recipes")
+    for col in ("family", "presets", "steps"):
+        table.add_column(col)
+    for family in list_families():
+        raw = RecipeFile.model_validate(yaml.safe_load(recipe_path(family).read_text()))
+        table.add_row(family, ", ".join(raw.presets), " → ".join(s.id for s in raw.steps))
+    Console().print(table)
+
+
+@app.command("compile")
+def compile_(
+    family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2, llama31, all, or a recipe YAML path")],
+    preset: Annotated[str, typer.Option(help="Recipe preset")] = "tiny",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Resolve and validate a recipe preset into its full execution plan (YAML)."""
+    from llmfab.config.recipe import list_families, load_recipe
+
+    families = list_families() if family == "all" else [family]
+    try:
+        plans = [load_recipe(f, preset, set_ or []).plan() for f in families]
+    except LlmfabError as exc:
+        _fail(exc)
+    text = yaml.safe_dump_all(plans, sort_keys=False)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        typer.echo(text)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,198 @@
+"""Tasks with a verifiable gold reward: the tiny testbed every stage is measured on.
+
+Each task samples examples (prompt, reference answer, meta), scores any response against the
+meta with a gold reward in [0, 1], and corrupts a reference into a wrong response with a
+preference level (0 = the reference is significantly better ... 3 = negligibly better, AFM's
+four levels), which gives preference pairs with known labels.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "rocket",
+    "garden",
+    "silver",
+    "window",
+    "candle",
+    "forest",
+    "planet",
+    "button",
+    "dragon",
+    "pepper",
+    "marble",
+    "castle",
+    "shadow",
+    "orange",
+    "pencil",
+    "summer",
+    "winter",
+    "bridge",
+    "copper",
+    "meadow",
+    "falcon",
+    "island",
+    "violet",
+    "harbor",
+    "jungle",
+    "mirror",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "velvet",
+]
+
+_INT = re.compile(r"-?\d+")
+
+
+def first_int(text: str) -> int | None:
+    match = _INT.search(text)
+    return int(match.group()) if match else None
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+
+class Arithmetic:
+    name = "arithmetic"
+
+    def __init__(self, max_operand: int = 50):
+        self.max_operand = max_operand
+
+    def sample(self, rng: random.Random) -> Example:
+        a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+        op = rng.choice("+-")
+        result = a + b if op == "+" else a - b
+        return Example(self.name, f"What is {a} {op} {b}?", str(result), {"a": a, "b": b, "op": op, "answer": result})
+
+    def reward(self, meta: dict, response: str) -> float:
+        return float(first_int(response) == meta["answer"])
+
+    def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
+        delta = rng.choice([1, 2, 5, 10, 20]) * rng.choice([-1, 1])
+        level = 0 if abs(delta) >= 10 else 1 if abs(delta) >= 5 else 2 if abs(delta) >= 2 else 3
+        return str(ex.meta["answer"] + delta), level
+
+
+class FormatFollowing:
+    """Constraint following: repeat a word n times, write it in capitals, or spell it backwards."""
+
+    name = "format"
+    KINDS = ("repeat", "upper", "reverse")
+
+    def sample(self, rng: random.Random) -> Example:
+        kind, word = rng.choice(self.KINDS), rng.choice(WORDS)
+        if kind == "repeat":
+            n = rng.randint(2, 5)
+            prompt, answer = f"Write the word {word} {n} times, separated by commas.", ", ".join([word] * n)
+            meta = {"kind": kind, "word": word, "n": n}
+        elif kind == "upper":
+            prompt, answer, meta = (
+                f"Write the word {word} in capital letters.",
+                word.upper(),
+                {"kind": kind, "word": word},
+            )
+        else:
+            prompt, answer, meta = f"Spell the word {word} backwards.", word[::-1], {"kind": kind, "word": word}
+        return Example(self.name, prompt, answer, {**meta, "answer": answer})
+
+    def reward(self, meta: dict, response: str) -> float:
+        response = response.strip()
+        if response == meta["answer"]:
+            return 1.0
+        if meta["kind"] == "repeat":
+            parts = [p.strip() for p in response.split(",") if p.strip()]
+            if parts and all(p == meta["word"] for p in parts):
+                return max(0.0, 1.0 - abs(len(parts) - meta["n"]) / meta["n"]) * 0.5
+        if meta["kind"] == "upper" and response.lower() == meta["word"]:
+            return 0.5  # right word, wrong case
+        return 0.0
+
+    def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
+        meta, word = ex.meta, ex.meta["word"]
+        other = rng.choice([w for w in WORDS if w != word])
+        if meta["kind"] == "repeat":
+            k = rng.choice([1, 1, 2, 3])
+            n = meta["n"] + k if rng.random() < 0.5 or meta["n"] - k < 1 else meta["n"] - k
+            return (", ".join([word] * n), 3 - min(k, 3)) if rng.random() < 0.8 else (", ".join([other] * meta["n"]), 0)
+        if meta["kind"] == "upper":
+            return (word, 1) if rng.random() < 0.5 else (other.upper(), 0)
+        swapped = list(word[::-1])
+        i = rng.randrange(len(swapped) - 1)
+        swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+        wrong = "".join(swapped)
+        return (wrong, 3) if wrong != ex.answer and rng.random() < 0.5 else (word, 1)
+
+
+class KVRetrieval:
+    """Key-value retrieval from a document of records; long documents test long context."""
+
+    name = "kv_retrieval"
+
+    def __init__(self, n_pairs: int = 8):
+        self.n_pairs = n_pairs
+
+    def document(self, rng: random.Random, n_pairs: int) -> tuple[list[tuple[str, int]], str]:
+        keys = rng.sample([f"{w}-{i}" for w in WORDS for i in range(10, 100)], n_pairs)
+        pairs = [(k, rng.randint(1000, 9999)) for k in keys]
+        return pairs, "Records:\n" + "\n".join(f"{k}: {v}" for k, v in pairs)
+
+    def sample(self, rng: random.Random, n_pairs: int | None = None, depth: float | None = None) -> Example:
+        n_pairs = n_pairs or self.n_pairs
+        pairs, doc = self.document(rng, n_pairs)
+        index = rng.randrange(n_pairs) if depth is None else min(n_pairs - 1, int(depth * n_pairs))
+        key, value = pairs[index]
+        prompt = f"{doc}\n\nWhat is the value of {key}?"
+        meta = {
+            "key": key,
+            "answer": value,
+            "n_pairs": n_pairs,
+            "depth": index / max(1, n_pairs - 1),
+            "distractors": [v for _, v in pairs if v != value][:3],
+        }
+        return Example(self.name, prompt, str(value), meta)
+
+    def reward(self, meta: dict, response: str) -> float:
+        return float(first_int(response) == meta["answer"])
+
+    def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
+        value = ex.meta["answer"]
+        roll = rng.random()
+        if roll < 0.4 and ex.meta["distractors"]:
+            return str(rng.choice(ex.meta["distractors"])), 1  # another record's value
+        if roll < 0.7:
+            digits = list(str(value))
+            i = rng.randrange(1, len(digits))
+            digits[i] = str((int(digits[i]) + rng.randint(1, 9)) % 10)
+            return "".join(digits), 3  # one digit off
+        wrong = rng.randint(1000, 9999)
+        return (str(wrong), 0) if wrong != value else (str(value + 1), 3)
+
+
+TASKS = {t.name: t for t in (Arithmetic(), FormatFollowing(), KVRetrieval())}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def gold_reward(task: str, meta: dict, response: str) -> float:
+    """The verifiable reward of `response` for an example of `task` described by `meta`."""
+    return get_task(task).reward(meta, response)

@@ -1,0 +1,89 @@
+"""Run a family recipe step by step in this process: one parent MLflow run, a nested run per step.
+
+(Issue #6 runs the same stages as a Kubeflow pipeline, locally through kfp.local or on a cluster.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from llmfab.config.recipe import Recipe
+from llmfab.stages.runner import StageResult, run_stage
+from llmfab.storage import open_store
+from llmfab.tracking import Tracker
+
+
+@dataclass
+class PipelineResult:
+    run_name: str
+    run_id: str
+    store_uri: str
+    steps: dict[str, StageResult] = field(default_factory=dict)
+
+
+def resolve_input(ref: str, outputs: dict[str, dict[str, str]]) -> str:
+    """'step.output' -> that output's URI; anything else is already a URI or path."""
+    if "://" in ref or ref.startswith(("/", "./")):
+        return ref
+    step, _, name = ref.partition(".")
+    return outputs[step][name]
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    store_uri: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    show_progress: bool | None = None,
+    only: list[str] | None = None,
+) -> PipelineResult:
+    """Run the recipe's steps in order (or just `only`, with earlier outputs recomputed as needed)."""
+    run_name = run_name or f"{recipe.family}-{recipe.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    store = open_store(store_uri).sub(f"runs/{run_name}")
+    tracker = Tracker(tracking_uri, experiment)
+    tags = {
+        "llmfab.kind": "pipeline",
+        "llmfab.family": recipe.family,
+        "llmfab.preset": recipe.preset,
+        "llmfab.store": store.uri,
+    }
+    with tracker.run(run_name, tags=tags) as parent:
+        parent.log_params({"family": recipe.family, "preset": recipe.preset, "steps": [s.id for s in recipe.steps]})
+        parent.log_dict(recipe.plan(), "recipe_plan.json")
+        parent.log_system_info()
+        result = PipelineResult(run_name, parent.run_id, store.uri)
+        outputs: dict[str, dict[str, str]] = {}
+        for step in recipe.steps:
+            if only and step.id not in only and not _needed_by(step.id, only, recipe):
+                continue
+            inputs = {name: resolve_input(ref, outputs) for name, ref in step.inputs.items()}
+            res = run_stage(
+                step.stage,
+                step.config,
+                inputs,
+                step_id=step.id,
+                store=store.sub(step.id),
+                tracker=tracker,
+                parent_run_id=parent.run_id,
+                show_progress=show_progress,
+            )
+            outputs[step.id] = res.outputs
+            result.steps[step.id] = res
+            parent.log_metrics({f"{step.id}.{k}": v for k, v in res.metrics.items()})
+        return result
+
+
+def _needed_by(step_id: str, targets: list[str], recipe: Recipe) -> bool:
+    """Whether any target step depends (transitively) on `step_id`."""
+    deps = {s.id: {ref.partition(".")[0] for ref in s.inputs.values() if "://" not in ref} for s in recipe.steps}
+    frontier, seen = list(targets), set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        frontier.extend(deps.get(current, ()))
+    return step_id in seen

@@ -1,0 +1,84 @@
+"""Run one stage: validate, track in MLflow (nested under the pipeline's run), call, record outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from llmfab.errors import LlmfabError
+from llmfab.stages.base import StageConfig, StageContext, get_stage
+from llmfab.storage import ObjectStore, open_store
+from llmfab.tracking import Tracker
+from llmfab.tracking.mlflow_tracker import PARENT_RUN_ENV
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    outputs: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+def default_output_store(step_id: str, root: ObjectStore | None = None) -> ObjectStore:
+    """STORE/stages/STEP-TIME: where a stage run outside a pipeline writes."""
+    return (root or open_store()).sub(f"stages/{step_id}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_stage(
+    stage: str,
+    config: dict | StageConfig | None = None,
+    inputs: dict[str, str] | None = None,
+    *,
+    step_id: str | None = None,
+    store: ObjectStore | None = None,
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    track: bool = True,
+    show_progress: bool | None = None,
+) -> StageResult:
+    """Run stage `stage` with `config` on `inputs` (name -> URI), writing below `store`."""
+    spec = get_stage(stage)
+    cfg = spec.make_config(config, source=f"stage {stage}")
+    inputs = dict(inputs or {})
+    spec.check_inputs(inputs)
+    step_id = step_id or stage
+    store = store or default_output_store(step_id)
+    parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    if show_progress is None:
+        show_progress = os.environ.get("LLMFAB_PROGRESS", "1") != "0"
+    start = time.time()
+
+    def call(run) -> StageResult:
+        ctx = StageContext(step_id=step_id, store=store, run=run, show_progress=show_progress)
+        if run is not None:
+            run.log_params(cfg.model_dump(mode="json"))
+            run.set_tags(
+                {
+                    "llmfab.stage": stage,
+                    "llmfab.step": step_id,
+                    "llmfab.store": store.uri,
+                    **{f"llmfab.input.{k}": v for k, v in inputs.items()},
+                }
+            )
+            run.log_system_info()
+        outputs = spec.fn(cfg, inputs, ctx) or {}
+        missing = sorted(set(spec.outputs) - set(outputs))
+        if missing:
+            raise LlmfabError(f"stage {stage} did not produce output(s) {', '.join(missing)}")
+        if run is not None:
+            for name, uri in outputs.items():
+                run.link_artifact(name, uri)
+            run.log_metrics({"stage_seconds": time.time() - start})
+        return StageResult(dict(outputs), dict(ctx.metrics), run.run_id if run else None, time.time() - start)
+
+    log.info("stage %s (%s) -> %s", step_id, stage, store.uri)
+    if not track:
+        return call(None)
+    tracker = tracker or Tracker()
+    with tracker.run(step_id, parent_run_id=parent_run_id, tags={"llmfab.kind": "stage"}) as run:
+        return call(run)

@@ -1,0 +1,168 @@
+"""A thin layer over MlflowClient. It talks to one explicit run id instead of MLflow's global
+active run, so a stage in a KFP pod, a subprocess or a test nests under the right parent."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "llmfab"
+PARENT_RUN_ENV = "LLMFAB_PARENT_RUN_ID"
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """The explicit URI, else MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists of scalars become JSON; values fit MLflow's limit."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten_params(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and any(isinstance(v, dict) for v in data):
+        for i, value in enumerate(data):
+            out.update(flatten_params(value, f"{prefix}.{i}"))
+        return out
+    text = json.dumps(data) if isinstance(data, list) else str(data)
+    out[prefix or "value"] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def git_commit() -> str | None:
+    """LLMFAB_GIT_COMMIT (set in images), else the checkout's HEAD if there is one."""
+    if os.environ.get("LLMFAB_GIT_COMMIT"):
+        return os.environ["LLMFAB_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def system_info() -> dict[str, str]:
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": str(os.cpu_count()),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda_available"] = str(torch.cuda.is_available())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = str(torch.cuda.device_count())
+    except ImportError:
+        pass
+    from llmfab import __version__
+
+    info["llmfab"] = __version__
+    commit = git_commit()
+    if commit:
+        info["git_commit"] = commit
+    return info
+
+
+class TrackedRun:
+    """One MLflow run, addressed by id."""
+
+    def __init__(self, client, run_id: str, experiment_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_PARAM_CHARS]) for k, v in tags.items()])
+
+    def link_artifact(self, name: str, uri: str) -> None:
+        """Record where an output lives in the object store (links, not copies)."""
+        self.set_tags({f"llmfab.output.{name}": uri})
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
+    def log_system_info(self) -> None:
+        self.set_tags({f"llmfab.system.{k}": v for k, v in system_info().items()})
+
+
+class Tracker:
+    """Creates runs in one experiment of one tracking server (sqlite file or `mlflow server`)."""
+
+    def __init__(self, uri: str | None = None, experiment: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                self.experiment_id = self.client.create_experiment(self.experiment)
+            except Exception:  # created concurrently by another stage
+                self.experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+        else:
+            self.experiment_id = found.experiment_id
+
+    @contextlib.contextmanager
+    def run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[TrackedRun]:
+        """Start a run (nested under `parent_run_id` if given); FINISHED on success, FAILED on error."""
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        created = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = TrackedRun(self.client, created.info.run_id, self.experiment_id)
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.client.set_terminated(run.run_id, status=status)
+
+    def child_runs(self, parent_run_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        )
+
+
+__all__ = ["PARENT_RUN_ENV", "TrackedRun", "Tracker", "system_info", "tracking_uri"]

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmfab.cli import app
+from llmfab.data.io import read_dataset
+from llmfab.models import load_tokenizer
+from llmfab.tracking import Tracker
+
+runner = CliRunner()
+SMALL = [
+    "--set",
+    "data.prose_docs=40",
+    "--set",
+    "data.code_docs=20",
+    "--set",
+    "data.task_docs=40",
+    "--set",
+    "data.sft_examples=20",
+    "--set",
+    "data.prompts=10",
+    "--set",
+    "data.preference_pairs=20",
+    "--set",
+    "tokenizer.vocab_size=400",
+]
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "stage", "stages", "compile", "recipes"):
+        assert command in result.output
+
+
+def test_stages_and_recipes_listing():
+    assert "prepare_data" in runner.invoke(app, ["stages"]).output
+    out = runner.invoke(app, ["recipes"]).output
+    assert "qwen2" in out and "llama31" in out
+
+
+def test_compile_plan(tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = runner.invoke(app, ["compile", "all", "-o", str(out), "--set", "tokenizer.vocab_size=999"])
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    plans = list(yaml.safe_load_all(out.read_text()))
+    assert [p["family"] for p in plans] == ["afm", "gemma2", "llama31", "qwen2"]
+    assert all(p["steps"][1]["config"]["vocab_size"] == 999 for p in plans)
+
+
+def test_bad_override_names_field():
+    result = runner.invoke(app, ["run", "qwen2", "--set", "tokenizer.vocab_size=-5"])
+    assert result.exit_code == 2
+    assert "presets.tiny.config.tokenizer.vocab_size" in result.output
+
+
+def test_run_family_tracks_nested_runs(tmp_path, tracking_uri):
+    store = tmp_path / "store"
+    result = runner.invoke(
+        app, ["run", "qwen2", "--preset", "tiny", "--store", str(store), "--run-name", "ci-run", *SMALL]
+    )
+    assert result.exit_code == 0, result.output
+    tracker = Tracker(tracking_uri)
+    parents = tracker.client.search_runs([tracker.experiment_id], "tags.`llmfab.kind` = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name: r for r in tracker.child_runs(parents[0].info.run_id)}
+    assert set(children) == {"data", "tokenizer"}
+    tok_uri = children["tokenizer"].data.tags["llmfab.output.tokenizer"]
+    assert tok_uri.startswith((store / "runs" / "ci-run" / "tokenizer").as_uri())
+    assert len(load_tokenizer(tok_uri)) == 400
+    text_uri = children["data"].data.tags["llmfab.output.text"]
+    assert len(read_dataset(text_uri, "text")) == 90  # 100 docs, 10% held out
+
+
+def test_stage_command(tmp_path):
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text("prose_docs: 10\ncode_docs: 5\ntask_docs: 5\nsft_examples: 5\nprompts: 5\npreference_pairs: 5\n")
+    result = runner.invoke(app, ["stage", "prepare_data", "-c", str(cfg), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    outputs = json.loads(result.stdout)["outputs"]
+    assert outputs["text"] == (tmp_path / "o" / "text").as_uri()
+    result = runner.invoke(
+        app,
+        [
+            "stage",
+            "train_tokenizer",
+            "-i",
+            f"corpus={outputs['text']}",
+            "--set",
+            "vocab_size=300",
+            "--store",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs"]["tokenizer"].startswith((tmp_path / "s" / "stages").as_uri())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["stage", "prepare_data", "-c", "missing.yaml"], "missing.yaml: no such config file"),
+        (["stage", "train_tokenizer", "-i", "corpus"], "expected NAME=URI"),
+        (["stage", "nope"], "unknown stage 'nope'"),
+        (["stage", "prepare_data", "--set", "prose_docs=-1"], "prose_docs: Input should be greater than or equal to 0"),
+    ],
+)
+def test_stage_command_errors(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output

@@ -1,0 +1,134 @@
+import json
+import random
+
+import pytest
+
+from llmfab.data.io import read_dataset, write_dataset
+from llmfab.data.tasks import TASKS, gold_reward
+from llmfab.errors import DataError
+from llmfab.stages.runner import run_stage
+from llmfab.storage import open_store
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_reference_scores_one_and_corruption_less(task):
+    rng = random.Random(0)
+    for _ in range(200):
+        ex = TASKS[task].sample(rng)
+        assert gold_reward(task, ex.meta, ex.answer) == 1.0, ex
+        wrong, level = TASKS[task].corrupt(rng, ex)
+        assert wrong != ex.answer
+        assert gold_reward(task, ex.meta, wrong) < 1.0, (ex, wrong)
+        assert level in (0, 1, 2, 3)
+
+
+def test_gold_reward_reads_responses():
+    assert gold_reward("arithmetic", {"answer": -7}, "The answer is -7.") == 1.0
+    assert gold_reward("arithmetic", {"answer": 7}, "no number") == 0.0
+    meta = {"kind": "repeat", "word": "cat", "n": 4, "answer": "cat, cat, cat, cat"}
+    assert gold_reward("format", meta, "cat, cat") == pytest.approx(0.25)
+    assert gold_reward("format", {"kind": "upper", "word": "cat", "answer": "CAT"}, "cat") == 0.5
+    with pytest.raises(KeyError, match="unknown task"):
+        gold_reward("nope", {}, "")
+
+
+def test_kv_retrieval_depth_and_length():
+    ex = TASKS["kv_retrieval"].sample(random.Random(1), n_pairs=200, depth=0.5)
+    assert ex.prompt.count("\n") >= 200
+    assert 0.45 <= ex.meta["depth"] <= 0.55
+    assert f"{ex.meta['key']}: {ex.answer}" in ex.prompt
+
+
+@pytest.fixture
+def good_jsonl(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(rec) + "\n\n" + json.dumps(rec) + "\n")
+    return path
+
+
+def test_read_jsonl(good_jsonl):
+    records = read_dataset(good_jsonl, "chat")
+    assert len(records) == 2 and records[0]["messages"][1]["content"] == "hello"
+
+
+def test_malformed_record_names_file_and_line(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path.write_text("\n".join([json.dumps(good), json.dumps(good), json.dumps({"prompt": "p", "chosen": "a"})]))
+    with pytest.raises(DataError, match=r"prefs\.jsonl:3: field 'rejected': Field required"):
+        read_dataset(path, "preference")
+    path.write_text(json.dumps(good) + "\n{broken\n")
+    with pytest.raises(DataError, match=r"prefs\.jsonl:2: invalid JSON"):
+        read_dataset(path, "preference")
+    path.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}))
+    with pytest.raises(DataError, match=r"prefs\.jsonl:1: field 'messages\[0\]\.role'"):
+        read_dataset(path, "chat")
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}))
+    with pytest.raises(DataError, match="at least one assistant"):
+        read_dataset(path, "chat")
+
+
+def test_parquet_and_hf_dir(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{i}", "task": "arithmetic", "meta": {"answer": i}} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert [r["prompt"] for r in read_dataset(tmp_path / "p.parquet", "prompt")] == [f"q{i}" for i in range(5)]
+    bad = [{"prompt": "ok"}, {"prompt": ""}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: row 1: field 'prompt'"):
+        read_dataset(tmp_path / "bad.parquet", "prompt")
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"text": "hello world"}] * 3),
+            "test": datasets.Dataset.from_list([{"text": "held out"}]),
+        }
+    )
+    dd.save_to_disk(tmp_path / "hf")
+    assert len(read_dataset(tmp_path / "hf", "text", split="train")) == 3
+    assert read_dataset(tmp_path / "hf", "text", split="test")[0]["text"] == "held out"
+    with pytest.raises(DataError, match="splits"):
+        read_dataset(tmp_path / "hf", "text", split="validation")
+
+
+def test_write_and_read_from_store(store):
+    uri = write_dataset(store.sub("ds"), {"train": [{"text": "a"}, {"text": "b"}], "test": [{"text": "c"}]}, "text")
+    assert [r["text"] for r in read_dataset(uri, "text", "train")] == ["a", "b"]
+    assert [r["text"] for r in read_dataset(uri, "text", "test")] == ["c"]
+    assert [r["text"] for r in read_dataset(f"{uri}/test.jsonl", "text", None)] == ["c"]
+    with pytest.raises(DataError, match="no split 'validation'"):
+        read_dataset(uri, "text", "validation")
+    with pytest.raises(DataError, match="train record 0: field 'text'"):
+        write_dataset(store.sub("bad"), {"train": [{"txt": "a"}]}, "text")
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(DataError, match="no dataset found"):
+        read_dataset(tmp_path / "nothing", "text")
+    with pytest.raises(DataError, match="no such dataset file"):
+        read_dataset(tmp_path / "nothing.jsonl", "text")
+
+
+def _prepare(tmp_path, name, **cfg):
+    small = dict(prose_docs=30, code_docs=20, task_docs=30, sft_examples=30, prompts=20, preference_pairs=30)
+    return run_stage("prepare_data", {**small, **cfg}, store=open_store(tmp_path / name), track=False)
+
+
+def test_prepare_data_deterministic(tmp_path):
+    a, b = _prepare(tmp_path, "a", seed=3), _prepare(tmp_path, "b", seed=3)
+    c = _prepare(tmp_path, "c", seed=4)
+    for name in ("text", "sft", "prompts", "preferences"):
+        kind = {"text": "text", "sft": "chat", "prompts": "prompt", "preferences": "preference"}[name]
+        ra, rb = read_dataset(a.outputs[name], kind), read_dataset(b.outputs[name], kind)
+        assert ra == rb, name
+        assert ra != read_dataset(c.outputs[name], kind), name
+    sources = {r["source"] for r in read_dataset(a.outputs["text"], "text")}
+    assert sources == {"prose", "code", "tasks"}
+    prefs = read_dataset(a.outputs["preferences"], "preference")
+    assert all(
+        gold_reward(p["task"], p["meta"], p["chosen"]) > gold_reward(p["task"], p["meta"], p["rejected"]) for p in prefs
+    )
+    assert a.metrics["sft_test_records"] == 3

@@ -1,0 +1,98 @@
+import pytest
+
+from llmfab.errors import ConfigError, LlmfabError
+from llmfab.stages.base import StageConfig, stage
+from llmfab.stages.runner import run_stage
+from llmfab.storage import open_store
+from llmfab.tracking import Tracker, flatten_params, tracking_uri
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking_uri() == "http://mlflow:5000"
+    assert tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri() == "sqlite:///mlflow.db"
+
+
+def test_flatten_params():
+    flat = flatten_params({"model": {"hidden": 8, "arch": "qwen2"}, "tasks": ["a", "b"], "x": None})
+    assert flat == {"model.hidden": "8", "model.arch": "qwen2", "tasks": '["a", "b"]', "x": "None"}
+    assert len(flatten_params({"long": "y" * 10000})["long"]) == 6000
+
+
+def test_nested_runs_and_failure_status(tracking_uri):
+    tracker = Tracker(tracking_uri, "exp")
+    with tracker.run("pipeline") as parent:
+        with tracker.run("child", parent_run_id=parent.run_id) as child:
+            child.log_params({"a": {"b": 1}})
+            child.log_metrics({"loss": 2.0}, step=1)
+            child.log_metrics({"loss": 1.0}, step=2)
+        with pytest.raises(RuntimeError), tracker.run("broken", parent_run_id=parent.run_id):
+            raise RuntimeError("boom")
+    children = {r.info.run_name: r for r in tracker.child_runs(parent.run_id)}
+    assert set(children) == {"child", "broken"}
+    assert children["child"].info.status == "FINISHED"
+    assert children["broken"].info.status == "FAILED"
+    assert children["child"].data.params == {"a.b": "1"}
+    history = tracker.client.get_metric_history(children["child"].info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
+class EchoConfig(StageConfig):
+    message: str = "hi"
+    fail: bool = False
+
+
+@stage("test_echo", EchoConfig, inputs={"src": "anything"}, outputs={"out": "a text file"})
+def echo(config, inputs, ctx):
+    """Copy the message and input URI to a file (a test stage)."""
+    if config.fail:
+        raise ValueError("asked to fail")
+    ctx.output("out").put_text("msg.txt", f"{config.message} {inputs['src']}")
+    ctx.log_metrics({"chars": len(config.message)})
+    return {"out": ctx.output("out").uri}
+
+
+def test_run_stage_tracks_everything(tmp_path, tracking_uri):
+    tracker = Tracker(tracking_uri)
+    store = open_store(tmp_path / "s")
+    with tracker.run("parent") as parent:
+        result = run_stage(
+            "test_echo",
+            {"message": "hello"},
+            {"src": "s3://b/k"},
+            store=store,
+            tracker=tracker,
+            parent_run_id=parent.run_id,
+        )
+    assert open_store(result.outputs["out"]).get_text("msg.txt") == "hello s3://b/k"
+    run = tracker.client.get_run(result.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.params["message"] == "hello" and run.data.params["seed"] == "0"
+    assert run.data.metrics["chars"] == 5.0
+    assert run.data.tags["llmfab.output.out"] == result.outputs["out"]
+    assert run.data.tags["llmfab.input.src"] == "s3://b/k"
+    assert "llmfab.system.python" in run.data.tags and "llmfab.system.torch" in run.data.tags
+
+
+def test_run_stage_errors(tmp_path, tracking_uri):
+    with pytest.raises(ConfigError, match="missing input"):
+        run_stage("test_echo", {}, {})
+    with pytest.raises(ConfigError, match="unknown input"):
+        run_stage("test_echo", {}, {"src": "x", "other": "y"})
+    with pytest.raises(ConfigError, match="mesage: Extra inputs are not permitted"):
+        run_stage("test_echo", {"mesage": "typo"}, {"src": "x"})
+    with pytest.raises(ValueError, match="asked to fail"):
+        run_stage("test_echo", {"fail": True}, {"src": "x"}, store=open_store(tmp_path))
+    runs = Tracker(tracking_uri).client.search_runs([Tracker(tracking_uri).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert issubclass(ConfigError, LlmfabError)
+
+
+def test_parent_run_from_environment(monkeypatch, tmp_path, tracking_uri):
+    tracker = Tracker(tracking_uri)
+    with tracker.run("kfp-pipeline") as parent:
+        monkeypatch.setenv("LLMFAB_PARENT_RUN_ID", parent.run_id)
+        result = run_stage("test_echo", {}, {"src": "x"}, store=open_store(tmp_path))
+    assert tracker.client.get_run(result.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
