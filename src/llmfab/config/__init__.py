@@ -1,0 +1,1 @@
+"""Typed configuration: stage configs, model shapes, family recipes."""

@@ -1,0 +1,1 @@
+"""Datasets: schemas, readers/writers, the stdlib corpus and the verifiable tasks."""
