@@ -101,3 +101,40 @@ def store(request, tmp_path):
 @pytest.fixture
 def tracking_uri() -> str:
     return os.environ["MLFLOW_TRACKING_URI"]
+
+
+TINY_MODEL = dict(
+    arch="llama",
+    vocab_size=512,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=176,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory):
+    """A small prepared dataset and a 512-token tokenizer, shared by the training tests."""
+    from llmfab.stages.runner import run_stage
+    from llmfab.storage import open_store
+
+    root = open_store(tmp_path_factory.mktemp("testbed"))
+    data = run_stage(
+        "prepare_data",
+        dict(prose_docs=400, code_docs=200, task_docs=600, sft_examples=200, prompts=50, preference_pairs=200),
+        store=root.sub("data"),
+        track=False,
+        show_progress=False,
+    )
+    tok = run_stage(
+        "train_tokenizer",
+        {"vocab_size": 512},
+        {"corpus": data.outputs["text"]},
+        store=root.sub("tok"),
+        track=False,
+        show_progress=False,
+    )
+    return {**data.outputs, **tok.outputs, "root": root}

@@ -1,6 +1,14 @@
 """Models: build decoder LMs from shape configs, load and save checkpoints."""
 
-from llmfab.models.architectures import build_hf_config, build_model, count_parameters
+from llmfab.models.architectures import build_hf_config, build_model, count_parameters, init_model
 from llmfab.models.checkpoints import load_model, load_tokenizer, save_model
 
-__all__ = ["build_hf_config", "build_model", "count_parameters", "load_model", "load_tokenizer", "save_model"]
+__all__ = [
+    "build_hf_config",
+    "build_model",
+    "count_parameters",
+    "init_model",
+    "load_model",
+    "load_tokenizer",
+    "save_model",
+]

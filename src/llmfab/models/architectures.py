@@ -72,3 +72,24 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
     return sum(p.numel() for p in params.values())
+
+
+def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed: int = 0):
+    """The model a training stage starts from: the `init` checkpoint if given, else `cfg` built
+    from scratch with the tokenizer's vocabulary size and special-token ids."""
+    import logging
+
+    from llmfab.errors import ConfigError
+
+    if init_ref:
+        from llmfab.models.checkpoints import load_model
+
+        return load_model(init_ref, dtype=cfg.dtype if cfg else "float32")
+    if cfg is None:
+        raise ConfigError("model: required when the stage has no `init` checkpoint input")
+    if cfg.pretrained is None and cfg.vocab_size != len(tokenizer):
+        logging.getLogger(__name__).info("model.vocab_size %d -> %d (the tokenizer's)", cfg.vocab_size, len(tokenizer))
+        cfg = cfg.model_copy(update={"vocab_size": len(tokenizer)})
+    from llmfab.tokenizer import special_token_ids
+
+    return build_model(cfg, seed=seed, **special_token_ids(tokenizer))

@@ -1,0 +1,60 @@
+"""Causal-LM pieces: tokenising a text dataset, the packed LM loss, held-out evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmfab.data.io import iter_records
+from llmfab.train.packing import IGNORE, pack_documents
+
+
+def tokenize_texts(tokenizer, texts: list[str], batch: int = 256) -> list[list[int]]:
+    """Token ids of each text followed by EOS (the document separator)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        ids = tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]
+        out.extend([*x, tokenizer.eos_token_id] for x in ids)
+    return out
+
+
+def load_corpus(uri: str, tokenizer, split: str, sources: list[str] | None = None) -> dict[str, list[list[int]]]:
+    """Tokenised documents of a text dataset, grouped by their `source` (the mixture component)."""
+    texts: dict[str, list[str]] = {}
+    for record in iter_records(uri, "text", split):
+        if sources is None or record["source"] in sources:
+            texts.setdefault(record["source"], []).append(record["text"])
+    return {src: tokenize_texts(tokenizer, docs) for src, docs in sorted(texts.items())}
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss; position ids carry the document boundaries (see packing)."""
+    out = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+    )
+    return out.loss, {}
+
+
+@torch.no_grad()
+def eval_lm_loss(model, packed: dict[str, torch.Tensor], batch_size: int = 8) -> float:
+    """Token-weighted mean loss over packed rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(packed["input_ids"]), batch_size):
+        rows = {k: v[i : i + batch_size] for k, v in packed.items()}
+        n = int((rows["labels"][:, 1:] != IGNORE).sum())
+        if n:
+            total += lm_loss(model, rows)[0].item() * n
+            count += n
+    return total / max(1, count)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def pack_eval(docs_by_source: dict[str, list[list[int]]], seq_len: int, pad_id: int, max_rows: int):
+    docs = [d for src in sorted(docs_by_source) for d in docs_by_source[src]]
+    packed = pack_documents(docs, seq_len, pad_id)
+    return {k: v[:max_rows] for k, v in packed.items()}
