@@ -8,9 +8,8 @@ from llmfab.config.model import ModelConfig
 from llmfab.models import init_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
-from llmfab.train.lm import eval_lm_loss, lm_loss, load_corpus, pack_eval, perplexity
-from llmfab.train.packing import mixture_sample, pack_documents
-from llmfab.train.trainer import Trainer
+from llmfab.train.lm import PackedCorpus, lm_loss
+from llmfab.train.trainer import LossFn, Trainer
 
 
 class PretrainConfig(StageConfig):
@@ -23,53 +22,53 @@ class PretrainConfig(StageConfig):
     eval_every: int = Field(0, ge=0)
 
 
-def train_causal_lm(config: PretrainConfig, inputs: dict[str, str], ctx: StageContext, *, meta: dict):
-    """Shared by pretrain and anneal: returns (model, tokenizer, trainer, eval metrics before)."""
-    tokenizer = load_tokenizer(inputs["tokenizer"])
-    model = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)
+def packed_corpus(config: PretrainConfig, corpus_uri: str, tokenizer) -> PackedCorpus:
     tc = config.train
-    rows_needed = tc.max_steps * tc.grad_accum * tc.batch_size
-    train_docs = load_corpus(inputs["corpus"], tokenizer, "train", config.sources)
-    docs = mixture_sample(train_docs, config.mixture, rows_needed * config.seq_len, config.seed)
-    packed = pack_documents(docs, config.seq_len, tokenizer.pad_token_id)
-    packed = {k: v[:rows_needed] for k, v in packed.items()}
-    held_out = pack_eval(
-        load_corpus(inputs["corpus"], tokenizer, "test", config.sources),
-        config.seq_len,
-        tokenizer.pad_token_id,
-        config.eval_rows,
+    return PackedCorpus(
+        corpus_uri,
+        tokenizer,
+        seq_len=config.seq_len,
+        batch_size=tc.batch_size,
+        grad_accum=tc.grad_accum,
+        max_steps=tc.max_steps,
+        mixture=config.mixture,
+        sources=config.sources,
+        eval_rows=config.eval_rows,
+        seed=config.seed,
     )
+
+
+def train_causal_lm(
+    config: PretrainConfig,
+    ctx: StageContext,
+    model,
+    tokenizer,
+    data: PackedCorpus,
+    loss_fn: LossFn = lm_loss,
+    meta: dict | None = None,
+) -> Trainer:
+    """Train `model` on `data` with `loss_fn`, logging held-out loss before and after."""
     ctx.log_params(
         {
-            "train_rows": len(packed["input_ids"]),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_rows": len(data.train["input_ids"]),
             "vocab_size": model.config.vocab_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
         }
     )
-
-    def batch_for_step(step: int, micro: int):
-        start = ((step * tc.grad_accum + micro) * tc.batch_size) % len(packed["input_ids"])
-        return {k: v[start : start + tc.batch_size] for k, v in packed.items()}
-
-    def evaluate(m):
-        loss = eval_lm_loss(m, held_out, tc.batch_size)
-        return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
-
-    before = {f"{k}_before": v for k, v in evaluate(model).items()}
-    ctx.log_metrics(before)
+    ctx.log_metrics({f"{k}_before": v for k, v in data.evaluate(model).items()})
     trainer = Trainer(
         model,
-        tc,
+        config.train,
         ctx,
-        lm_loss,
+        loss_fn,
         tokenizer=tokenizer,
-        eval_fn=evaluate,
+        eval_fn=data.evaluate,
         eval_every=config.eval_every,
         checkpoint_meta=meta,
     )
-    trainer.fit(batch_for_step)
+    trainer.fit(data.batch_for_step)
     trainer.evaluate()
-    return model, tokenizer, trainer
+    return trainer
 
 
 @stage(
@@ -81,5 +80,9 @@ def train_causal_lm(config: PretrainConfig, inputs: dict[str, str], ctx: StageCo
 )
 def run(config: PretrainConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Causal-LM pretraining (from scratch or a checkpoint) on a weighted, packed mixture."""
-    model, tokenizer, _ = train_causal_lm(config, inputs, ctx, meta={"stage": "pretrain"})
+    tokenizer = load_tokenizer(inputs["tokenizer"])
+    model = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)
+    train_causal_lm(
+        config, ctx, model, tokenizer, packed_corpus(config, inputs["corpus"], tokenizer), meta={"stage": "pretrain"}
+    )
     return {"model": save_model(model, tokenizer, ctx.output("model"), {"stage": "pretrain", **ctx.metrics})}

@@ -7,7 +7,7 @@ import math
 import torch
 
 from llmfab.data.io import iter_records
-from llmfab.train.packing import IGNORE, pack_documents
+from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
 
 
 def tokenize_texts(tokenizer, texts: list[str], batch: int = 256) -> list[list[int]]:
@@ -58,3 +58,40 @@ def pack_eval(docs_by_source: dict[str, list[list[int]]], seq_len: int, pad_id: 
     docs = [d for src in sorted(docs_by_source) for d in docs_by_source[src]]
     packed = pack_documents(docs, seq_len, pad_id)
     return {k: v[:max_rows] for k, v in packed.items()}
+
+
+class PackedCorpus:
+    """A text dataset tokenised, mixed, packed and cut to exactly the rows a run consumes, plus a
+    held-out slice; `batch_for_step` is deterministic so a resumed run sees the same batches."""
+
+    def __init__(
+        self,
+        corpus_uri: str,
+        tokenizer,
+        *,
+        seq_len: int,
+        batch_size: int,
+        grad_accum: int,
+        max_steps: int,
+        mixture: dict[str, float],
+        sources: list[str] | None,
+        eval_rows: int,
+        seed: int,
+    ):
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        rows_needed = max_steps * grad_accum * batch_size
+        docs = mixture_sample(
+            load_corpus(corpus_uri, tokenizer, "train", sources), mixture, rows_needed * seq_len, seed
+        )
+        self.train = {k: v[:rows_needed] for k, v in pack_documents(docs, seq_len, tokenizer.pad_token_id).items()}
+        self.held_out = pack_eval(
+            load_corpus(corpus_uri, tokenizer, "test", sources), seq_len, tokenizer.pad_token_id, eval_rows
+        )
+
+    def batch_for_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        start = ((step * self.grad_accum + micro) * self.batch_size) % len(self.train["input_ids"])
+        return {k: v[start : start + self.batch_size] for k, v in self.train.items()}
+
+    def evaluate(self, model) -> dict[str, float]:
+        loss = eval_lm_loss(model, self.held_out, self.batch_size)
+        return {"eval_loss": loss, "eval_ppl": perplexity(loss)}

@@ -1,0 +1,1 @@
+"""Losses, written to read like their formulas (see ../shared/DESIGN.md)."""

@@ -1,0 +1,76 @@
+"""distill: pretrain a student on a teacher's next-token distribution (Gemma 2, AFM)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from llmfab.losses.distill import afm_top1_loss, generalized_jsd
+from llmfab.models import init_model, load_model, load_tokenizer, save_model
+from llmfab.stages.base import StageContext, stage
+from llmfab.stages.pretrain import PretrainConfig, packed_corpus, train_causal_lm
+
+
+class DistillConfig(PretrainConfig):
+    loss: Literal["kl", "afm_top1"] = Field(
+        "kl",
+        description="kl: generalised JSD (beta=0: forward KL, Gemma 2); "
+        "afm_top1: 0.9 teacher top-1 + 0.1 true token (AFM)",
+    )
+    beta: float = Field(0.0, ge=0, le=1, description="JSD interpolation; 0 = forward KL")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0, description="keep the teacher's top-k probabilities, renormalised")
+    teacher_weight: float = Field(0.9, ge=0, le=1, description="afm_top1: weight of the teacher's top-1 label")
+
+
+def distillation_loss(teacher: torch.nn.Module, config: DistillConfig):
+    def loss_fn(model, batch):
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        with torch.no_grad():
+            t_logits = teacher(**kwargs).logits[:, :-1]
+        s_logits = model(**kwargs).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        if config.loss == "afm_top1":
+            loss = afm_top1_loss(s_logits, t_logits, labels, config.teacher_weight)
+        else:
+            loss = generalized_jsd(s_logits, t_logits, labels, config.beta, config.temperature, config.top_k)
+        with torch.no_grad():
+            ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return loss, {"ce": ce.item()}
+
+    return loss_fn
+
+
+@stage(
+    "distill",
+    DistillConfig,
+    inputs={"corpus": "text dataset", "tokenizer": "tokenizer checkpoint", "teacher": "teacher model checkpoint"},
+    optional_inputs={"init": "student checkpoint to continue from"},
+    outputs={"model": "student model checkpoint"},
+)
+def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
+    """Student pretraining on the teacher's next-token distribution (forward KL / JSD / AFM top-1)."""
+    tokenizer = load_tokenizer(inputs["tokenizer"])
+    teacher = load_model(inputs["teacher"]).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(
+            f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}: "
+            "distillation needs a shared tokenizer"
+        )
+    n_student, n_teacher = (sum(p.numel() for p in m.parameters()) for m in (student, teacher))
+    ctx.log_params(
+        {
+            "student_parameters": n_student,
+            "teacher_parameters": n_teacher,
+            "teacher_to_student": round(n_teacher / n_student, 2),
+        }
+    )
+    data = packed_corpus(config, inputs["corpus"], tokenizer)
+    ctx.log_metrics({"teacher_eval_loss": data.evaluate(teacher)["eval_loss"]})
+    train_causal_lm(config, ctx, student, tokenizer, data, distillation_loss(teacher, config), {"stage": "distill"})
+    return {"model": save_model(student, tokenizer, ctx.output("model"), {"stage": "distill", **ctx.metrics})}
