@@ -113,13 +113,21 @@ class StageContext:
     run: object | None = None  # TrackedRun, or None when tracking is off
     metrics: dict[str, float] = field(default_factory=dict)
     show_progress: bool = True
+    prefix: str = ""  # prepended to metric names (a phase of a multi-phase stage)
 
     def output(self, name: str) -> ObjectStore:
         """Where output `name` is written: a prefix below this step's location."""
         return self.store.sub(name)
 
+    def child(self, name: str) -> StageContext:
+        """A phase of this stage: its own store prefix (checkpoints), metrics named `name.*`."""
+        return StageContext(
+            self.step_id, self.store.sub(name), self.run, self.metrics, self.show_progress, f"{self.prefix}{name}."
+        )
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update({k: float(v) for k, v in metrics.items() if v is not None})
+        metrics = {f"{self.prefix}{k}": v for k, v in metrics.items() if v is not None}
+        self.metrics.update({k: float(v) for k, v in metrics.items()})
         if self.run is not None:
             self.run.log_metrics(metrics, step)
 

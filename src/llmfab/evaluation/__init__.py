@@ -1,0 +1,1 @@
+"""Evaluation pieces shared by stages: long-context perplexity, needle retrieval."""
