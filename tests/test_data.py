@@ -10,7 +10,7 @@ from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", ["arithmetic", "format", "kv_retrieval"])
 def test_reference_scores_one_and_corruption_less(task):
     rng = random.Random(0)
     for _ in range(200):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
 
+from conftest import TINY_MODEL
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd, teacher_log_probs
 from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store

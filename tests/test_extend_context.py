@@ -1,6 +1,6 @@
 import pytest
-from conftest import TINY_MODEL
 
+from conftest import TINY_MODEL
 from llmfab.config.base import validate
 from llmfab.errors import ConfigError
 from llmfab.models import load_model

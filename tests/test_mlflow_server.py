@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_port
 
+from conftest import free_port, wait_for_port
 from llmfab.tracking import Tracker
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import TINY_MODEL
 
+from conftest import TINY_MODEL
 from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
 from llmfab.tracking import Tracker

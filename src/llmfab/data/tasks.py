@@ -184,7 +184,16 @@ class KVRetrieval:
         return (str(wrong), 0) if wrong != value else (str(value + 1), 3)
 
 
-TASKS = {t.name: t for t in (Arithmetic(), FormatFollowing(), KVRetrieval())}
+class LongQA:
+    """Questions about facts planted in long documents (built by the synthesize_long_qa stage)."""
+
+    name = "long_qa"
+
+    def reward(self, meta: dict, response: str) -> float:
+        return float(first_int(response) == meta["answer"])
+
+
+TASKS = {t.name: t for t in (Arithmetic(), FormatFollowing(), KVRetrieval(), LongQA())}
 
 
 def get_task(name: str):

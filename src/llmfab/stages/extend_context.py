@@ -51,12 +51,17 @@ class ExtendContextConfig(StageConfig):
         return self
 
 
-def _training_rows(tokenizer, docs, length: int, n_rows: int, needle_fraction: float, seed: int):
-    """`n_rows` rows of `length`: retrieval documents and long runs of corpus text, shuffled."""
+def _training_rows(tokenizer, docs, long_docs, length: int, n_rows: int, needle_fraction: float, seed: int):
+    """`n_rows` rows of `length`: retrieval documents (built-in, or `long_docs`) and long runs of
+    corpus text, shuffled."""
     n_needle = round(n_rows * needle_fraction)
     parts = []
     if n_needle:
-        parts.append(continuous_rows(needle_training_docs(tokenizer, length, n_needle, seed), length))
+        if long_docs:
+            needles = [long_docs[i % len(long_docs)] for i in range(seed, seed + n_needle * 2)]
+            parts.append(continuous_rows(needles, length, n_needle))
+        else:
+            parts.append(continuous_rows(needle_training_docs(tokenizer, length, n_needle, seed), length))
     if n_rows > n_needle:
         parts.append(continuous_rows(docs, length, n_rows - n_needle))
     rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -79,6 +84,10 @@ def _report(ctx, model, tokenizer, held_out_docs, lengths: dict[str, int], n_nee
     "extend_context",
     ExtendContextConfig,
     inputs={"model": "model checkpoint (with tokenizer)", "corpus": "text dataset for long rows"},
+    optional_inputs={
+        "long_data": "long documents (e.g. synthetic long-context Q&A) replacing the built-in "
+        "key-value retrieval documents"
+    },
     outputs={"model": "long-context model checkpoint"},
 )
 def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
@@ -90,6 +99,11 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
     train_docs = [d for docs in load_corpus(inputs["corpus"], tokenizer, "train").values() for d in docs]
     held_out = [d for docs in load_corpus(inputs["corpus"], tokenizer, "test").values() for d in docs]
     random.Random(config.seed).shuffle(train_docs)
+    long_docs = (
+        [d for docs in load_corpus(inputs["long_data"], tokenizer, "train").values() for d in docs]
+        if "long_data" in inputs
+        else None
+    )
     _report(ctx, base, tokenizer, held_out, lengths, config.needle_samples, config.eval_rows, "before")
 
     theta = config.rope_theta or rope_theta(base.config) * config.rope_theta_factor
@@ -102,6 +116,7 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
             rows = _training_rows(
                 tokenizer,
                 train_docs,
+                long_docs,
                 length,
                 tc.max_steps * tc.grad_accum * tc.batch_size,
                 config.needle_fraction,

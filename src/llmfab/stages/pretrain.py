@@ -22,7 +22,7 @@ class PretrainConfig(StageConfig):
     eval_every: int = Field(0, ge=0)
 
 
-def packed_corpus(config: PretrainConfig, corpus_uri: str, tokenizer) -> PackedCorpus:
+def packed_corpus(config: PretrainConfig, corpus_uri: str | list[str], tokenizer) -> PackedCorpus:
     tc = config.train
     return PackedCorpus(
         corpus_uri,
@@ -75,7 +75,10 @@ def train_causal_lm(
     "pretrain",
     PretrainConfig,
     inputs={"corpus": "text dataset (train/test splits, `source` per record)", "tokenizer": "tokenizer checkpoint"},
-    optional_inputs={"init": "checkpoint to continue from (continued pretraining)"},
+    optional_inputs={
+        "init": "checkpoint to continue from (continued pretraining)",
+        "extra": "another text dataset mixed in by its sources (e.g. synthetic data)",
+    },
     outputs={"model": "model checkpoint"},
 )
 def run(config: PretrainConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:

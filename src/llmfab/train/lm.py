@@ -19,12 +19,13 @@ def tokenize_texts(tokenizer, texts: list[str], batch: int = 256) -> list[list[i
     return out
 
 
-def load_corpus(uri: str, tokenizer, split: str, sources: list[str] | None = None) -> dict[str, list[list[int]]]:
-    """Tokenised documents of a text dataset, grouped by their `source` (the mixture component)."""
+def load_corpus(uris: str | list[str], tokenizer, split: str, sources: list[str] | None = None):
+    """Tokenised documents of one or more text datasets, grouped by `source` (the mixture component)."""
     texts: dict[str, list[str]] = {}
-    for record in iter_records(uri, "text", split):
-        if sources is None or record["source"] in sources:
-            texts.setdefault(record["source"], []).append(record["text"])
+    for uri in [uris] if isinstance(uris, str) else uris:
+        for record in iter_records(uri, "text", split):
+            if sources is None or record["source"] in sources:
+                texts.setdefault(record["source"], []).append(record["text"])
     return {src: tokenize_texts(tokenizer, docs) for src, docs in sorted(texts.items())}
 
 
