@@ -49,6 +49,16 @@ def test_compile_plan(tmp_path):
     plans = list(yaml.safe_load_all(out.read_text()))
     assert [p["family"] for p in plans] == ["afm", "gemma2", "llama31", "qwen2"]
     assert all(p["steps"][1]["config"]["vocab_size"] == 999 for p in plans)
+    qwen2 = plans[3]
+    assert [s["id"] for s in qwen2["steps"]] == [
+        "data",
+        "tokenizer",
+        "generator",
+        "synthetic",
+        "pretrain",
+        "long_context",
+    ]
+    assert qwen2["steps"][4]["config"]["model"]["hidden_size"] == 128  # ${models.policy} resolved
 
 
 def test_bad_override_names_field():
@@ -60,7 +70,20 @@ def test_bad_override_names_field():
 def test_run_family_tracks_nested_runs(tmp_path, tracking_uri):
     store = tmp_path / "store"
     result = runner.invoke(
-        app, ["run", "qwen2", "--preset", "tiny", "--store", str(store), "--run-name", "ci-run", *SMALL]
+        app,
+        [
+            "run",
+            "qwen2",
+            "--preset",
+            "tiny",
+            "--store",
+            str(store),
+            "--run-name",
+            "ci-run",
+            "--only",
+            "tokenizer",
+            *SMALL,
+        ],
     )
     assert result.exit_code == 0, result.output
     tracker = Tracker(tracking_uri)

@@ -74,7 +74,9 @@ def test_llama_gate_stops_when_needle_fails(testbed, base_model, tmp_path):
         "eval_rows": 2,
         "train": {"max_steps": 2, "batch_size": 2},
     }
-    with pytest.raises(GateError, match="needle check at length 192 failed after 1 rounds"):
+    with pytest.raises(
+        GateError, match=r"needle check at length 192 failed after 1 rounds \(needle_acc 0\.000 < 1\.0\)"
+    ):
         run_stage(
             "extend_context",
             cfg,
@@ -106,3 +108,26 @@ def test_yarn_written_for_inference(testbed, base_model, tmp_path):
     assert config.rope_parameters["original_max_position_embeddings"] == 256
     assert config.max_position_embeddings == 1024
     assert rope_theta(config) == pytest.approx(126000.0)
+
+
+def test_gated_stages_advance_when_the_check_passes(testbed, base_model, tmp_path):
+    cfg = {
+        "seq_len": 256,
+        "stages": [192, 256],
+        "gate": True,
+        "gate_metric": "needle_nll",
+        "needle_threshold": 50.0,
+        "needle_samples": 2,
+        "eval_rows": 2,
+        "train": {"max_steps": 2, "batch_size": 2},
+    }
+    res = run_stage(
+        "extend_context",
+        cfg,
+        {"model": base_model, "corpus": testbed["text"]},
+        store=open_store(tmp_path / "staged"),
+        track=False,
+    )
+    assert res.metrics["reached_len"] == 256
+    assert "len192-round1.needle_nll" in res.metrics and "len256-round1.needle_nll" in res.metrics
+    assert not any(k.startswith("len192-round2") for k in res.metrics)

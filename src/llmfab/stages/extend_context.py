@@ -8,6 +8,7 @@ the current length.
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -36,7 +37,12 @@ class ExtendContextConfig(StageConfig):
     needle_fraction: float = Field(0.5, ge=0, le=1, description="share of training rows that are retrieval docs")
     train: TrainConfig = Field(default_factory=TrainConfig, description="per stage (per round when gated)")
     gate: bool = Field(False, description="advance a stage only when the needle check passes (Llama)")
-    needle_threshold: float = Field(0.5, ge=0, le=1, description="needle accuracy a gated stage must reach")
+    gate_metric: Literal["needle_acc", "needle_margin", "needle_nll"] = Field(
+        "needle_acc",
+        description="what the gate checks: accuracy or margin (at least the threshold), or answer "
+        "NLL per token (at most the threshold)",
+    )
+    needle_threshold: float = Field(0.5, description="value of gate_metric a gated stage must reach")
     max_rounds: int = Field(3, gt=0, description="training rounds a gated stage may take before failing")
     needle_samples: int = Field(8, gt=0)
     eval_rows: int = Field(8, gt=0)
@@ -67,6 +73,12 @@ def _training_rows(tokenizer, docs, long_docs, length: int, n_rows: int, needle_
     rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     order = torch.randperm(len(rows["input_ids"]), generator=torch.Generator().manual_seed(seed))
     return {k: v[order] for k, v in rows.items()}
+
+
+def _passes(value: float, config: ExtendContextConfig) -> bool:
+    if config.gate_metric == "needle_nll":
+        return value <= config.needle_threshold
+    return value >= config.needle_threshold
 
 
 def _report(ctx, model, tokenizer, held_out_docs, lengths: dict[str, int], n_needles: int, rows: int, when: str):
@@ -137,12 +149,13 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
             ).fit(batch_for_step)
             needle = needle_eval(model, tokenizer, length, config.needle_samples)
             phase.log_metrics(needle)
-            if not config.gate or needle["needle_acc"] >= config.needle_threshold:
+            if not config.gate or _passes(needle[config.gate_metric], config):
                 break
         else:
+            relation = ">" if config.gate_metric == "needle_nll" else "<"
             raise GateError(
                 f"needle check at length {length} failed after {config.max_rounds} rounds "
-                f"(accuracy {needle['needle_acc']:.2f} < {config.needle_threshold}); "
+                f"({config.gate_metric} {needle[config.gate_metric]:.3f} {relation} {config.needle_threshold}); "
                 f"checkpoints kept under {ctx.store.uri}"
             )
         ctx.log_metrics({"reached_len": length})
