@@ -19,6 +19,7 @@ from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import rank_and_world
 from llmfab.train.lm import lm_loss, load_corpus
 from llmfab.train.trainer import Trainer
 
@@ -130,13 +131,14 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
                 train_docs,
                 long_docs,
                 length,
-                tc.max_steps * tc.grad_accum * tc.batch_size,
+                tc.max_steps * tc.grad_accum * rank_and_world()[1] * tc.batch_size,
                 config.needle_fraction,
                 seed=config.seed + 1000 * round_ + length,
             )
 
             def batch_for_step(step, micro, rows=rows):
-                start = ((step * tc.grad_accum + micro) * tc.batch_size) % len(rows["input_ids"])
+                per_step = tc.grad_accum * rank_and_world()[1]
+                start = ((step * per_step + micro) * tc.batch_size) % len(rows["input_ids"])
                 return {k: v[start : start + tc.batch_size] for k, v in rows.items()}
 
             Trainer(

@@ -79,8 +79,11 @@ class PackedCorpus:
         eval_rows: int,
         seed: int,
     ):
-        self.batch_size, self.grad_accum = batch_size, grad_accum
-        rows_needed = max_steps * grad_accum * batch_size
+        from llmfab.train.distributed import rank_and_world
+
+        # Every rank builds the same rows; each takes its own micro-batches of every step.
+        self.batch_size, self.per_step = batch_size, grad_accum * rank_and_world()[1]
+        rows_needed = max_steps * self.per_step * batch_size
         docs = mixture_sample(
             load_corpus(corpus_uri, tokenizer, "train", sources), mixture, rows_needed * seq_len, seed
         )
@@ -90,7 +93,7 @@ class PackedCorpus:
         )
 
     def batch_for_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        start = ((step * self.grad_accum + micro) * self.batch_size) % len(self.train["input_ids"])
+        start = ((step * self.per_step + micro) * self.batch_size) % len(self.train["input_ids"])
         return {k: v[start : start + self.batch_size] for k, v in self.train.items()}
 
     def evaluate(self, model) -> dict[str, float]:

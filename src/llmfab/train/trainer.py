@@ -30,10 +30,12 @@ from llmfab.storage.checkpoint import (
     write_checkpoint,
 )
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import deepspeed_config, deepspeed_engine, is_main_process, rank_and_world
 from llmfab.train.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+DS_DIR = "deepspeed"
 FAULT_ENV = "LLMFAB_FAIL_AT_STEP"
 
 Batch = dict[str, torch.Tensor]
@@ -105,19 +107,32 @@ class Trainer:
         )
         self.step = 0
         self.history: list[float] = []
+        self.rank, self.world_size = rank_and_world()
+        self.engine = None
+        if config.deepspeed is not None:
+            ds = deepspeed_config(
+                config.deepspeed,
+                batch_size=config.batch_size,
+                grad_accum=config.grad_accum,
+                max_grad_norm=opt.max_grad_norm,
+                precision=config.precision,
+            )
+            self.engine = deepspeed_engine(model, self.optimizer, ds)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Write a resumable checkpoint (every rank joins DeepSpeed's save; rank 0 uploads)."""
         with tempfile.TemporaryDirectory(prefix="llmfab-train-") as tmp:
+            state = {"step": self.step, "rng": _rng_state(), "history": self.history}
+            if self.engine is not None:
+                self.engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state")
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+            if not is_main_process():
+                return None
             self.model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "rng": _rng_state(),
-                "history": self.history,
-            }
             torch.save(state, Path(tmp) / STATE_FILE)
             uri = write_checkpoint(self.ckpt_store.sub(step_name(self.step)), tmp, {**self.meta, "step": self.step})
         for _, name in list_step_checkpoints(self.ckpt_store)[: -self.config.keep_checkpoints]:
@@ -132,7 +147,10 @@ class Trainer:
         folder = fetch_checkpoint(store)
         load_weights(self.model, folder)
         state = torch.load(folder / STATE_FILE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(folder / DS_DIR), tag="state", load_module_strict=False)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         self.step, self.history = state["step"], list(state["history"])
         log.info("resumed from %s (step %d)", store.uri, step)
@@ -161,23 +179,31 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             total, extra = 0.0, {}
             for micro in range(cfg.grad_accum):
-                batch = batch_for_step(self.step, micro)
+                # Each rank takes its own micro-batches of the same global step.
+                batch = batch_for_step(self.step, micro * self.world_size + self.rank)
                 with self._autocast():
-                    loss, metrics = self.loss_fn(self.model, batch)
+                    loss, metrics = self.loss_fn(self.model if self.engine is None else self.engine, batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"step {self.step + 1}: loss is {loss.item()}; stopping (last good checkpoint kept at "
                         f"{self.ckpt_store.uri})"
                     )
-                (loss / cfg.grad_accum).backward()
+                if self.engine is not None:
+                    self.engine.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+                    self.engine.step()  # applies the update at the accumulation boundary only
+                else:
+                    (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
                 tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], opt.max_grad_norm or math.inf
-            )
-            self.optimizer.step()
+            if self.engine is not None:
+                grad_norm = self.engine.get_global_grad_norm() or 0.0
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], opt.max_grad_norm or math.inf
+                )
+                self.optimizer.step()
             self.step += 1
             self.history.append(total)
             bar.update(1)
