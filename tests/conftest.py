@@ -138,3 +138,23 @@ def testbed(tmp_path_factory):
         show_progress=False,
     )
     return {**data.outputs, **tok.outputs, "root": root}
+
+
+def pretrain_tiny(testbed, folder, steps: int, seq_len: int = 128, **model) -> dict:
+    """A tiny model pretrained on the testbed; returns the stage's outputs and metrics."""
+    from llmfab.stages.runner import run_stage
+    from llmfab.storage import open_store
+
+    cfg = {
+        "model": {**TINY_MODEL, **model},
+        "seq_len": seq_len,
+        "train": {"max_steps": steps, "batch_size": 8, "optim": {"lr": 3e-3}},
+    }
+    return run_stage(
+        "pretrain",
+        cfg,
+        {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]},
+        store=open_store(folder),
+        track=False,
+        show_progress=False,
+    )

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import pretrain_tiny
 from llmfab.config.base import validate
 from llmfab.data.io import read_dataset
 from llmfab.data.tasks import gold_reward
@@ -15,15 +15,7 @@ from llmfab.storage import open_store
 
 @pytest.fixture(scope="module")
 def base(testbed, tmp_path_factory):
-    cfg = {"model": TINY_MODEL, "seq_len": 128, "train": {"max_steps": 40, "batch_size": 8, "optim": {"lr": 3e-3}}}
-    return run_stage(
-        "pretrain",
-        cfg,
-        {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]},
-        store=open_store(tmp_path_factory.mktemp("base")),
-        track=False,
-        show_progress=False,
-    )
+    return pretrain_tiny(testbed, tmp_path_factory.mktemp("base"), 40)
 
 
 def test_average_state_dicts():

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, pretrain_tiny
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd, teacher_log_probs
 from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
@@ -57,19 +57,7 @@ def test_afm_target_mixes_teacher_top1_and_truth():
 
 
 def _pretrain_teacher(testbed, folder, steps):
-    cfg = {
-        "model": {**TINY_MODEL, "hidden_size": 128, "num_layers": 4, "intermediate_size": 352},
-        "seq_len": 128,
-        "train": {"max_steps": steps, "batch_size": 8, "optim": {"lr": 3e-3}},
-    }
-    return run_stage(
-        "pretrain",
-        cfg,
-        {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]},
-        store=open_store(folder),
-        track=False,
-        show_progress=False,
-    )
+    return pretrain_tiny(testbed, folder, steps, hidden_size=128, num_layers=4, intermediate_size=352)
 
 
 @pytest.fixture(scope="module")

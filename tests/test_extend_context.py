@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import pretrain_tiny
 from llmfab.config.base import validate
 from llmfab.errors import ConfigError
 from llmfab.models import load_model
@@ -13,20 +13,8 @@ from llmfab.storage import open_store
 @pytest.fixture(scope="module")
 def base_model(testbed, tmp_path_factory):
     """Pretrained at 128 tokens (max positions 128)."""
-    cfg = {
-        "model": {**TINY_MODEL, "max_position_embeddings": 128, "rope_theta": 10000.0},
-        "seq_len": 128,
-        "train": {"max_steps": 80, "batch_size": 8, "optim": {"lr": 3e-3}},
-    }
-    res = run_stage(
-        "pretrain",
-        cfg,
-        {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]},
-        store=open_store(tmp_path_factory.mktemp("base")),
-        track=False,
-        show_progress=False,
-    )
-    return res.outputs["model"]
+    folder = tmp_path_factory.mktemp("base")
+    return pretrain_tiny(testbed, folder, 80, max_position_embeddings=128, rope_theta=10000.0).outputs["model"]
 
 
 def test_config_validation():

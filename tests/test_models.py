@@ -101,7 +101,11 @@ def test_save_load_roundtrip_local_and_s3(tokenizer, store):
     assert loaded.config.pad_token_id == tokenizer.pad_token_id
 
 
-def test_hub_ids_pass_through(tmp_path):
+def test_hub_ids_pass_through(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the constant it already read.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert resolve_ref("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"
     assert resolve_ref(tmp_path) == str(tmp_path)
     # Offline (as in tests and air-gapped clusters) a hub id fails with transformers' own error.

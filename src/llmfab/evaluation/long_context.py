@@ -80,16 +80,3 @@ def needle_eval(model, tokenizer, length: int, n_samples: int = 8, seed: int = 1
         )
         correct += int(first_int(tokenizer.decode(gen[0, len(p_ids) :], skip_special_tokens=True)) == int(answer))
     return {"needle_acc": correct / n_samples, "needle_nll": nll / max(1, tokens), "needle_margin": margin / n_samples}
-
-
-@torch.no_grad()
-def context_loss(model, rows: dict[str, torch.Tensor], batch_size: int = 4) -> float:
-    """Mean next-token loss over continuous rows (every position counts)."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows["input_ids"]), batch_size):
-        batch = {k: v[i : i + batch_size] for k, v in rows.items()}
-        n = batch["input_ids"].numel() - len(batch["input_ids"])
-        total += model(**batch, use_cache=False).loss.item() * n
-        count += n
-    return total / max(1, count)

@@ -14,13 +14,13 @@ import torch
 from pydantic import Field, model_validator
 
 from llmfab.errors import LlmfabError
-from llmfab.evaluation.long_context import context_loss, continuous_rows, needle_eval, needle_training_docs
+from llmfab.evaluation.long_context import continuous_rows, needle_eval, needle_training_docs
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import rank_and_world
-from llmfab.train.lm import lm_loss, load_corpus
+from llmfab.train.lm import eval_lm_loss, lm_loss, load_corpus
 from llmfab.train.trainer import Trainer
 
 
@@ -84,7 +84,7 @@ def _passes(value: float, config: ExtendContextConfig) -> bool:
 
 def _report(ctx, model, tokenizer, held_out_docs, lengths: dict[str, int], n_needles: int, rows: int, when: str):
     for name, length in lengths.items():
-        loss = context_loss(model, continuous_rows(held_out_docs, length, rows))
+        loss = eval_lm_loss(model, continuous_rows(held_out_docs, length, rows))
         ctx.log_metrics(
             {
                 f"{when}_loss_{name}": loss,
