@@ -41,6 +41,17 @@ def test_pretraining_lowers_held_out_loss(testbed, tmp_path):
     assert cont.metrics["eval_loss_before"] == pytest.approx(after, rel=1e-4)
 
 
+def test_bf16_autocast_trains(testbed, tmp_path):
+    res = run_stage(
+        "pretrain",
+        _config(max_steps=8, precision="bf16"),
+        {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]},
+        store=open_store(tmp_path / "bf16"),
+        track=False,
+    )
+    assert res.metrics["eval_loss"] < res.metrics["eval_loss_before"]
+
+
 def _loss_curve(tracker: Tracker, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in tracker.client.get_metric_history(run_id, "train_loss")}
 

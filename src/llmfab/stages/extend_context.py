@@ -20,7 +20,7 @@ from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import rank_and_world
-from llmfab.train.lm import eval_lm_loss, lm_loss, load_corpus
+from llmfab.train.lm import eval_lm_loss, lm_loss, load_corpus, perplexity
 from llmfab.train.trainer import Trainer
 
 
@@ -85,6 +85,7 @@ def _passes(value: float, config: ExtendContextConfig) -> bool:
 def _report(ctx, model, tokenizer, held_out_docs, lengths: dict[str, int], n_needles: int, rows: int, when: str):
     for name, length in lengths.items():
         loss = eval_lm_loss(model, continuous_rows(held_out_docs, length, rows))
+        ctx.log_metrics({f"{when}_ppl_{name}": perplexity(loss)})
         ctx.log_metrics(
             {
                 f"{when}_loss_{name}": loss,
