@@ -146,7 +146,7 @@ class Trainer:
         step, store = found
         folder = fetch_checkpoint(store)
         load_weights(self.model, folder)
-        state = torch.load(folder / STATE_FILE, weights_only=False)
+        state = torch.load(folder / STATE_FILE, weights_only=True)  # no pickled code from a store
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / DS_DIR), tag="state", load_module_strict=False)
         else:
