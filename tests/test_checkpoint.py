@@ -96,3 +96,17 @@ def test_checkpoint_may_not_contain_manifest(store, ckpt_dir):
     (ckpt_dir / MANIFEST).write_text("{}")
     with pytest.raises(CheckpointError, match="may not contain"):
         write_checkpoint(store.sub("c"), ckpt_dir)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[1, 2]", "unknown format 'list'"),
+        ('{"format": "llmfab-checkpoint/1", "files": {"w": {"size": "big"}}}', "files.w: needs an integer size"),
+    ],
+)
+def test_malformed_manifest(store, ckpt_dir, text, message):
+    write_checkpoint(store.sub("c"), ckpt_dir)
+    store.put_text(f"c/{MANIFEST}", text)
+    with pytest.raises(CheckpointError, match=message):
+        read_manifest(store.sub("c"))

@@ -135,3 +135,9 @@ def test_stage_command_errors(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_unknown_only_step_is_an_error():
+    result = runner.invoke(app, ["run", "qwen2", "--only", "pretrian"])
+    assert result.exit_code == 2
+    assert "--only pretrian: no such step" in result.output

@@ -131,4 +131,46 @@ def test_prepare_data_deterministic(tmp_path):
     assert all(
         gold_reward(p["task"], p["meta"], p["chosen"]) > gold_reward(p["task"], p["meta"], p["rejected"]) for p in prefs
     )
-    assert a.metrics["sft_test_records"] == 3
+    assert a.metrics["sft_test_records"] >= 3
+
+
+def test_splits_never_share_a_prompt():
+    from llmfab.data.testbed import chat_record, prompt_of, sample_examples, split
+
+    records = [chat_record(ex) for ex in sample_examples(["format"], 600, random.Random(0))]
+    parts = split(records, 0.1)
+    train, test = {prompt_of(r) for r in parts["train"]}, {prompt_of(r) for r in parts["test"]}
+    assert not train & test
+    assert len(parts["train"]) + len(parts["test"]) == 600
+    assert 50 <= len(parts["test"]) <= 80
+
+
+def test_prepared_demos_exclude_evaluation_prompts(tmp_path):
+    res = _prepare(tmp_path, "x", task_docs=300, sft_examples=200, prompts=100, preference_pairs=200)
+    held = set()
+    for name, kind in (("sft", "chat"), ("prompts", "prompt"), ("preferences", "preference")):
+        for r in read_dataset(res.outputs[name], kind, "test"):
+            held.add(r["messages"][0]["content"] if kind == "chat" else r["prompt"])
+    demos = [r["text"] for r in read_dataset(res.outputs["text"], "text") if r["source"] == "tasks"]
+    assert demos and not any(d.rsplit("\n", 1)[0] in held for d in demos)
+
+
+def test_split_lookup_by_file_names(tmp_path):
+    from llmfab.errors import NoSplitError
+
+    rec = json.dumps({"text": "x"})
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    (tmp_path / "hub" / "data" / "train-00000-of-00001.jsonl").write_text(rec + "\n" + rec)
+    (tmp_path / "hub" / "data" / "test-00000-of-00001.jsonl").write_text(rec)
+    assert len(read_dataset(tmp_path / "hub", "text", "train")) == 2
+    assert len(read_dataset(tmp_path / "hub", "text", "test")) == 1
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "data.jsonl").write_text(rec)
+    assert len(read_dataset(tmp_path / "flat", "text", "train")) == 1
+    with pytest.raises(NoSplitError, match="no split 'test'"):
+        read_dataset(tmp_path / "flat", "text", "test")
+    with pytest.raises(NoSplitError, match="a single file has no 'test' split"):
+        read_dataset(tmp_path / "flat" / "data.jsonl", "text", "test")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not UTF-8"):
+        read_dataset(tmp_path / "bad.jsonl", "text")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmfab.config.model import ModelConfig
+from llmfab.errors import DataError
 from llmfab.models import build_model
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
 from llmfab.train.schedule import lr_multiplier
@@ -26,17 +27,28 @@ def test_mixture_weights_shift_the_share():
     assert share(even) == pytest.approx(0.5, abs=0.05)
     assert share(upweighted) == pytest.approx(0.75, abs=0.05)
     assert mixture_sample(docs, {"code": 3.0}, 5000, seed=1) == mixture_sample(docs, {"code": 3.0}, 5000, seed=1)
-    with pytest.raises(ValueError, match="no documents"):
+    with pytest.raises(DataError, match="no documents"):
         mixture_sample(docs, {"code": 0, "prose": 0}, 10, seed=0)
+    with pytest.raises(DataError, match=r"mixture names source\(s\) maths"):
+        mixture_sample(docs, {"maths": 2.0}, 10, seed=0)
+
+
+def test_mixture_share_is_by_tokens_whatever_the_document_lengths():
+    # Same tokens per source, very different document lengths: natural share stays 50/50.
+    docs = {"long": [[1] * 1000] * 10, "short": [[2] * 10] * 1000}
+    sample = mixture_sample(docs, {}, 200_000, seed=0)
+    long_tokens = sum(len(d) for d in sample if d[0] == 1)
+    assert long_tokens / sum(len(d) for d in sample) == pytest.approx(0.5, abs=0.1)
 
 
 def test_schedules():
     assert lr_multiplier(0, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_multiplier(9, 100, 10, "cosine", 0.1) == pytest.approx(1.0)
-    assert lr_multiplier(99, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
-    assert lr_multiplier(54, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(99, 100, 0, "linear", 0.0) == pytest.approx(0.0)
-    assert lr_multiplier(49, 100, 0, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(10, 100, 10, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(99, 100, 10, "cosine", 0.1) == pytest.approx(0.1, abs=1e-3)
+    assert lr_multiplier(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(99, 100, 0, "linear", 0.0) == pytest.approx(0.01), "the last step still moves"
+    assert lr_multiplier(50, 100, 0, "linear", 0.0) == pytest.approx(0.5)
     assert lr_multiplier(50, 100, 10, "constant", 0.0) == 1.0
 
 

@@ -147,3 +147,21 @@ def test_s3_retries_transient_errors(s3_bucket, s3_endpoint):
         assert store.get_text("x.txt") == "survived"
     finally:
         server.shutdown()
+
+
+def test_file_uris_round_trip_odd_paths(tmp_path):
+    odd = tmp_path / "a b#c" / "é"
+    store = open_store(odd)
+    store.put_text("x.txt", "ok")
+    assert "%20" in store.uri
+    assert open_store(store.uri).get_text("x.txt") == "ok"
+    assert parse_uri(odd.as_uri().replace("file://", "file://localhost")).root == str(odd)
+    with pytest.raises(StoreError, match="this host only"):
+        parse_uri("file://otherhost/x")
+
+
+def test_s3_folder_markers_are_not_keys(s3_bucket):
+    store = S3Store(s3_bucket, "p")
+    store.client.put_object(Bucket=s3_bucket, Key="p/dir/", Body=b"")
+    store.put_text("dir/file.txt", "x")
+    assert list(store.list()) == ["dir/file.txt"]

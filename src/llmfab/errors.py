@@ -13,6 +13,10 @@ class DataError(LlmfabError):
     """A data record is malformed; the message names the file and line (or row)."""
 
 
+class NoSplitError(DataError):
+    """The dataset has no such split (e.g. a single file asked for its 'test' split)."""
+
+
 class StoreError(LlmfabError):
     """An object-store key, URI or object is invalid or missing."""
 

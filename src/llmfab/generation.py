@@ -27,6 +27,7 @@ def generate(
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(next(model.parameters()).device)
             sampling = (
                 {"do_sample": True, "temperature": temperature, "top_p": top_p}
                 if temperature > 0

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmfab.config.recipe import Recipe
+from llmfab.errors import ConfigError
 from llmfab.stages.runner import StageResult, run_stage
 from llmfab.storage import open_store
 from llmfab.tracking import Tracker
@@ -41,6 +42,9 @@ def run_recipe(
     only: list[str] | None = None,
 ) -> PipelineResult:
     """Run the recipe's steps in order (or just `only`, with earlier outputs recomputed as needed)."""
+    unknown = sorted(set(only or []) - {s.id for s in recipe.steps})
+    if unknown:
+        raise ConfigError(f"--only {', '.join(unknown)}: no such step; steps: {', '.join(s.id for s in recipe.steps)}")
     run_name = run_name or f"{recipe.family}-{recipe.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     store = open_store(store_uri).sub(f"runs/{run_name}")
     tracker = Tracker(tracking_uri, experiment)

@@ -70,6 +70,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of fields, got {type(data).__name__}")
     for text in overrides:
         path, value = parse_override(text)
         nested: Any = value

@@ -161,6 +161,13 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
     if len(set(step_ids)) != len(step_ids):
         raise ConfigError(f"{source}: steps: duplicate step ids")
     preset_data = _apply_overrides(recipe.presets[preset].model_dump(), overrides or [], set(step_ids), source)
+    for section in ("models", "config"):
+        for name, value in preset_data[section].items():
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: presets.{preset}.{section}.{name}: expected a mapping, got {value!r}")
+    for section in ("models", "config"):
+        if not isinstance(preset_data[section], dict):
+            raise ConfigError(f"{source}: presets.{preset}.{section}: expected a mapping")
     prefix = f"presets.{preset}"
     for unknown in sorted(set(preset_data["config"]) - set(step_ids)):
         raise ConfigError(f"{source}: {prefix}.config.{unknown}: no step with that id")

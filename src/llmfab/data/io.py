@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from llmfab.config.base import field_path
 from llmfab.data.schemas import SCHEMAS
-from llmfab.errors import DataError, StoreError
+from llmfab.errors import DataError, NoSplitError, StoreError
 from llmfab.storage import ObjectStore, open_store
 from llmfab.storage.keys import parse_uri
 from llmfab.storage.local import LocalStore
@@ -43,8 +43,12 @@ def validate_record(record, kind: str, where: str) -> dict:
 
 
 def _iter_jsonl(path: Path, name: str) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{name}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -84,8 +88,10 @@ def _iter_hf_dir(path: Path, name: str, split: str | None) -> Iterator[tuple[str
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split is None or split not in ds:
-            raise DataError(f"{name}: dataset has splits {sorted(ds)}; ask for one of them (got {split!r})")
+            raise NoSplitError(f"{name}: dataset has splits {sorted(ds)}; ask for one of them (got {split!r})")
         ds, name = ds[split], f"{name}[{split}]"
+    elif split not in (None, "train"):
+        raise NoSplitError(f"{name}: an unsplit dataset has no {split!r} split")
     for row, record in enumerate(ds):
         yield f"{name}: row {row}", record
 
@@ -96,6 +102,19 @@ def _iter_file(path: Path, name: str) -> Iterator[tuple[str, object]]:
     if name.endswith(".json"):
         return _iter_json(path, name)
     return _iter_jsonl(path, name)
+
+
+SPLIT_NAMES = ("train", "test", "validation", "eval")
+
+
+def _split_of(key: str) -> str | None:
+    """The split a file belongs to by name: train.jsonl, test-00000-of-00002.parquet, test/x.jsonl."""
+    parts = key.split("/")
+    stem = parts[-1].split(".")[0]
+    for name in SPLIT_NAMES:
+        if stem == name or stem.startswith(f"{name}-") or name in parts[:-1]:
+            return name
+    return None
 
 
 def _materialise(store: ObjectStore, keys: list[str], tmp: Path) -> list[tuple[str, Path]]:
@@ -123,6 +142,8 @@ def iter_records(uri: str | Path, kind: str, split: str | None = "train") -> Ite
             store, keys = open_store(parent or "."), [fname]
             if not store.exists(fname):
                 raise DataError(f"{text}: no such dataset file")
+            if split not in (None, "train"):
+                raise NoSplitError(f"{text}: a single file has no {split!r} split")
             sources = _materialise(store, keys, tmp)
         else:
             store = open_store(text)
@@ -140,11 +161,11 @@ def iter_records(uri: str | Path, kind: str, split: str | None = "train") -> Ite
                 return
             data_keys = [k for k in all_keys if k.endswith(FILE_SUFFIXES) and k != "dataset.json"]
             if split is not None:
-                named = [k for k in data_keys if Path(k).name.split(".")[0] == split or k.startswith(f"{split}/")]
+                named = [k for k in data_keys if _split_of(k) == split]
                 if named:
                     data_keys = named
-                elif any(Path(k).stem in ("train", "test", "validation", "eval") for k in data_keys):
-                    raise DataError(f"{text}: no split {split!r} (files: {', '.join(data_keys)})")
+                elif split != "train" or any(_split_of(k) for k in data_keys):
+                    raise NoSplitError(f"{text}: no split {split!r} (files: {', '.join(data_keys)})")
             if not data_keys:
                 raise DataError(f"{text}: no .jsonl, .json or .parquet files")
             sources = _materialise(store, data_keys, tmp)

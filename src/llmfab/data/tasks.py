@@ -148,7 +148,11 @@ class KVRetrieval:
         self.n_pairs = n_pairs
 
     def document(self, rng: random.Random, n_pairs: int) -> tuple[list[tuple[str, int]], str]:
-        keys = rng.sample([f"{w}-{i}" for w in WORDS for i in range(10, 100)], n_pairs)
+        # Up to 37 x 9990 distinct keys: enough records for documents of hundreds of thousands of tokens.
+        space = len(WORDS) * 9990
+        if n_pairs > space:
+            raise ValueError(f"at most {space} records per document, asked for {n_pairs}")
+        keys = [f"{WORDS[i % len(WORDS)]}-{10 + i // len(WORDS)}" for i in rng.sample(range(space), n_pairs)]
         pairs = [(k, rng.randint(1000, 9999)) for k in keys]
         return pairs, "Records:\n" + "\n".join(f"{k}: {v}" for k, v in pairs)
 

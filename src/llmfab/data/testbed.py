@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from llmfab.data.tasks import Example, get_task
 
@@ -38,6 +39,26 @@ def task_text(ex: Example) -> dict:
     return {"text": f"{ex.prompt}\n{ex.answer}", "source": "tasks"}
 
 
+def prompt_of(record: dict) -> str:
+    """What must not appear on both sides of a split: the prompt (or the text itself)."""
+    if "messages" in record:
+        return record["messages"][0]["content"]
+    return record.get("prompt", record.get("text", ""))
+
+
 def split(records: list[dict], eval_fraction: float) -> dict[str, list[dict]]:
+    """About `eval_fraction` of the records held out, whole prompts at a time: a prompt that is
+    in the test split never appears in train (the tasks repeat prompts)."""
     n_eval = round(len(records) * eval_fraction)
-    return {"train": records[n_eval:], "test": records[:n_eval]}
+    sizes = Counter(prompt_of(r) for r in records)
+    held: set[str] = set()
+    count = 0
+    for key in sizes:  # first-seen order, so the split is deterministic
+        if count >= n_eval:
+            break
+        held.add(key)
+        count += sizes[key]
+    return {
+        "train": [r for r in records if prompt_of(r) not in held],
+        "test": [r for r in records if prompt_of(r) in held],
+    }

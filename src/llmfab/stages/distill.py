@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from llmfab.errors import ConfigError
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd
 from llmfab.models import init_model, load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageContext, stage
@@ -14,6 +15,8 @@ from llmfab.stages.pretrain import PretrainConfig, packed_corpus, train_causal_l
 
 
 class DistillConfig(PretrainConfig):
+    """Student pretraining on a teacher's next-token distribution."""
+
     loss: Literal["kl", "afm_top1"] = Field(
         "kl",
         description="kl: generalised JSD (beta=0: forward KL, Gemma 2); "
@@ -24,11 +27,21 @@ class DistillConfig(PretrainConfig):
     top_k: int | None = Field(None, gt=0, description="keep the teacher's top-k probabilities, renormalised")
     teacher_weight: float = Field(0.9, ge=0, le=1, description="afm_top1: weight of the teacher's top-1 label")
 
+    @model_validator(mode="after")
+    def _support(self):
+        if self.top_k is not None and self.beta == 1:
+            raise ValueError(
+                "top_k with beta=1 (reverse KL) is infinite wherever the student puts mass outside "
+                "the teacher's top-k; use beta < 1"
+            )
+        return self
+
 
 def distillation_loss(teacher: torch.nn.Module, config: DistillConfig):
     def loss_fn(model, batch):
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with torch.no_grad():
+            teacher.to(batch["input_ids"].device)  # a no-op once it is there
             t_logits = teacher(**kwargs).logits[:, :-1]
         s_logits = model(**kwargs).logits[:, :-1]
         labels = batch["labels"][:, 1:]
@@ -58,7 +71,7 @@ def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dic
         p.requires_grad_(False)
     student = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}: "
             "distillation needs a shared tokenizer"
         )

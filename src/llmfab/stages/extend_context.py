@@ -13,14 +13,15 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from llmfab.errors import LlmfabError
-from llmfab.evaluation.long_context import continuous_rows, needle_eval, needle_training_docs
+from llmfab.data.io import iter_records
+from llmfab.errors import DataError, LlmfabError, NoSplitError
+from llmfab.evaluation.long_context import continuous_rows, needle_eval, needle_training_docs, one_per_row
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import rank_and_world
-from llmfab.train.lm import eval_lm_loss, lm_loss, load_corpus, perplexity
+from llmfab.train.lm import corpus_splits, eval_lm_loss, lm_loss, load_corpus, perplexity
 from llmfab.train.trainer import Trainer
 
 
@@ -51,6 +52,8 @@ class ExtendContextConfig(StageConfig):
     @model_validator(mode="after")
     def _stages(self):
         if self.stages is not None:
+            if not self.stages:
+                raise ValueError("stages must list at least one length")
             if sorted(self.stages) != self.stages or len(set(self.stages)) != len(self.stages):
                 raise ValueError("stages must be strictly increasing")
             if self.stages[-1] != self.seq_len:
@@ -58,22 +61,37 @@ class ExtendContextConfig(StageConfig):
         return self
 
 
-def _training_rows(tokenizer, docs, long_docs, length: int, n_rows: int, needle_fraction: float, seed: int):
+def _training_rows(tokenizer, docs, long_docs, filler, length: int, n_rows: int, needle_fraction: float, seed: int):
     """`n_rows` rows of `length`: retrieval documents (built-in, or `long_docs`) and long runs of
     corpus text, shuffled."""
     n_needle = round(n_rows * needle_fraction)
     parts = []
     if n_needle:
         if long_docs:
-            needles = [long_docs[i % len(long_docs)] for i in range(seed, seed + n_needle * 2)]
-            parts.append(continuous_rows(needles, length, n_needle))
+            fitting = [d for d in long_docs if len(d) <= length]
+            if not fitting:
+                raise DataError(
+                    f"long_data: no document fits in {length} tokens (shortest: "
+                    f"{min(len(d) for d in long_docs)}); raise seq_len or shorten the documents"
+                )
+            needles = [fitting[i % len(fitting)] for i in range(seed, seed + n_needle)]
         else:
-            parts.append(continuous_rows(needle_training_docs(tokenizer, length, n_needle, seed), length))
+            needles = needle_training_docs(tokenizer, length, n_needle, seed, filler)
+        # One document per row: the question, its evidence and the answer always share a context.
+        parts.append(one_per_row(needles, length, tokenizer.pad_token_id))
     if n_rows > n_needle:
         parts.append(continuous_rows(docs, length, n_rows - n_needle))
     rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     order = torch.randperm(len(rows["input_ids"]), generator=torch.Generator().manual_seed(seed))
     return {k: v[order] for k, v in rows.items()}
+
+
+def _prose(uri: str, split: str) -> list[str]:
+    try:
+        texts = [r["text"] for r in iter_records(uri, "text", split) if r["source"] == "prose"]
+    except NoSplitError:
+        texts = []
+    return texts or [r["text"] for r in iter_records(uri, "text", "train")]
 
 
 def _passes(value: float, config: ExtendContextConfig) -> bool:
@@ -82,14 +100,18 @@ def _passes(value: float, config: ExtendContextConfig) -> bool:
     return value >= config.needle_threshold
 
 
-def _report(ctx, model, tokenizer, held_out_docs, lengths: dict[str, int], n_needles: int, rows: int, when: str):
+def _report(
+    ctx, model, tokenizer, held_out_docs, filler, lengths: dict[str, int], n_needles: int, rows: int, when: str
+):
     for name, length in lengths.items():
         loss = eval_lm_loss(model, continuous_rows(held_out_docs, length, rows))
         ctx.log_metrics({f"{when}_ppl_{name}": perplexity(loss)})
         ctx.log_metrics(
             {
                 f"{when}_loss_{name}": loss,
-                **{f"{when}_{k}_{name}": v for k, v in needle_eval(model, tokenizer, length, n_needles).items()},
+                **{
+                    f"{when}_{k}_{name}": v for k, v in needle_eval(model, tokenizer, length, filler, n_needles).items()
+                },
             }
         )
 
@@ -110,15 +132,20 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
     base = load_model(inputs["model"])
     old_len = config.base_seq_len or base.config.max_position_embeddings
     lengths = {"old": old_len, "new": config.seq_len}
-    train_docs = [d for docs in load_corpus(inputs["corpus"], tokenizer, "train").values() for d in docs]
-    held_out = [d for docs in load_corpus(inputs["corpus"], tokenizer, "test").values() for d in docs]
+    train_by_source, held_by_source = corpus_splits(inputs["corpus"], tokenizer)
+    train_docs = [d for docs in train_by_source.values() for d in docs]
+    held_out = [d for docs in held_by_source.values() for d in docs]
     random.Random(config.seed).shuffle(train_docs)
+    random.Random(config.seed + 1).shuffle(held_out)
+    # Needle haystacks are prose: training ones from the train split, evaluation ones held out.
+    train_filler = _prose(inputs["corpus"], "train")
+    eval_filler = _prose(inputs["corpus"], "test")
     long_docs = (
         [d for docs in load_corpus(inputs["long_data"], tokenizer, "train").values() for d in docs]
         if "long_data" in inputs
         else None
     )
-    _report(ctx, base, tokenizer, held_out, lengths, config.needle_samples, config.eval_rows, "before")
+    _report(ctx, base, tokenizer, held_out, eval_filler, lengths, config.needle_samples, config.eval_rows, "before")
 
     theta = config.rope_theta or rope_theta(base.config) * config.rope_theta_factor
     ctx.log_params({"old_len": old_len, "old_rope_theta": rope_theta(base.config), "new_rope_theta": theta})
@@ -131,6 +158,7 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
                 tokenizer,
                 train_docs,
                 long_docs,
+                train_filler,
                 length,
                 tc.max_steps * tc.grad_accum * rank_and_world()[1] * tc.batch_size,
                 config.needle_fraction,
@@ -150,7 +178,7 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
                 tokenizer=tokenizer,
                 checkpoint_meta={"stage": "extend_context", "length": length},
             ).fit(batch_for_step)
-            needle = needle_eval(model, tokenizer, length, config.needle_samples)
+            needle = needle_eval(model, tokenizer, length, eval_filler, config.needle_samples)
             phase.log_metrics(needle)
             if not config.gate or _passes(needle[config.gate_metric], config):
                 break
@@ -169,5 +197,5 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
             yarn_original=config.seq_len,
             max_positions=int(config.seq_len * config.yarn_factor),
         )
-    _report(ctx, model, tokenizer, held_out, lengths, config.needle_samples, config.eval_rows, "after")
+    _report(ctx, model, tokenizer, held_out, eval_filler, lengths, config.needle_samples, config.eval_rows, "after")
     return {"model": save_model(model, tokenizer, ctx.output("model"), {"stage": "extend_context", **ctx.metrics})}

@@ -43,33 +43,32 @@ def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) ->
     # Each dataset draws from its own stream so changing one count does not reshuffle the others.
     streams = {name: random.Random(rng.getrandbits(64)) for name in ("text", "sft", "prompts", "preferences")}
 
-    text = [
-        {"text": d, "source": "prose"} for d in prose_documents(config.prose_docs, config.seed, config.max_doc_chars)
-    ]
-    text += [{"text": d, "source": "code"} for d in code_documents(config.code_docs, config.seed, config.max_doc_chars)]
-    text += [testbed.task_text(ex) for ex in testbed.sample_examples(config.tasks, config.task_docs, streams["text"])]
-    streams["text"].shuffle(text)
-
     sft = [testbed.chat_record(ex) for ex in testbed.sample_examples(config.tasks, config.sft_examples, streams["sft"])]
-    prompts = [
-        testbed.prompt_record(ex) for ex in testbed.sample_examples(config.tasks, config.prompts, streams["prompts"])
-    ]
+    prompt_examples = testbed.sample_examples(config.tasks, config.prompts, streams["prompts"])
+    prompts = [testbed.prompt_record(ex) for ex in prompt_examples]
     pref_rng = streams["preferences"]
-    prefs = [
-        testbed.preference_record(ex, pref_rng)
-        for ex in testbed.sample_examples(config.tasks, config.preference_pairs, pref_rng)
-    ]
+    pref_examples = testbed.sample_examples(config.tasks, config.preference_pairs, pref_rng)
+    prefs = [testbed.preference_record(ex, pref_rng) for ex in pref_examples]
+    splits = {
+        name: testbed.split(records, config.eval_fraction)
+        for name, records in (("sft", sft), ("prompts", prompts), ("preferences", prefs))
+    }
+    # Pre-training demos never show a prompt that any evaluation split asks.
+    held_out = {testbed.prompt_of(r) for s in splits.values() for r in s["test"]}
+    candidates = testbed.sample_examples(config.tasks, config.task_docs * 2, streams["text"])
+    demos = [ex for ex in candidates if ex.prompt not in held_out][: config.task_docs]
+    prose = prose_documents(config.prose_docs, config.seed, config.max_doc_chars)
+    code = code_documents(config.code_docs, config.seed, config.max_doc_chars)
+    text = [{"text": d, "source": "prose"} for d in prose] + [{"text": d, "source": "code"} for d in code]
+    text += [testbed.task_text(ex) for ex in demos]
+    streams["text"].shuffle(text)
+    splits["text"] = testbed.split(text, config.eval_fraction)
 
     outputs, counts = {}, {}
-    for name, kind, records in (
-        ("text", "text", text),
-        ("sft", "chat", sft),
-        ("prompts", "prompt", prompts),
-        ("preferences", "preference", prefs),
-    ):
-        splits = testbed.split(records, config.eval_fraction)
-        outputs[name] = write_dataset(ctx.output(name), splits, kind, meta={"seed": config.seed, "tasks": config.tasks})
-        counts.update({f"{name}_{s}_records": len(r) for s, r in splits.items()})
+    for name, kind in (("text", "text"), ("sft", "chat"), ("prompts", "prompt"), ("preferences", "preference")):
+        meta = {"seed": config.seed, "tasks": config.tasks}
+        outputs[name] = write_dataset(ctx.output(name), splits[name], kind, meta=meta)
+        counts.update({f"{name}_{s}_records": len(r) for s, r in splits[name].items()})
     counts["text_chars"] = sum(len(r["text"]) for r in text)
     ctx.log_metrics(counts)
     return outputs

@@ -10,6 +10,7 @@ from pydantic import Field
 from llmfab.data.io import iter_records, write_dataset
 from llmfab.data.tasks import WORDS
 from llmfab.data.testbed import split
+from llmfab.errors import DataError
 from llmfab.generation import generate
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -59,7 +60,7 @@ def synthesize_text(config: SynthesizeTextConfig, inputs: dict[str, str], ctx: S
             seen.add(completion)
             docs.append({"text": text, "source": "synthetic"})
     if not docs:
-        raise ValueError(
+        raise DataError(
             f"all {len(prompts)} generations were filtered out (min_tokens={config.min_tokens}, "
             f"min_distinct_ratio={config.min_distinct_ratio})"
         )
@@ -110,7 +111,7 @@ def synthesize_long_qa(config: LongQAConfig, inputs: dict[str, str], ctx: StageC
     """Long-context Q&A: facts planted at random depths of long documents, with questions."""
     filler = [r["text"] for r in iter_records(inputs["corpus"], "text", "train") if r["source"] == "prose"]
     if not filler:
-        raise ValueError(f"{inputs['corpus']}: no records with source 'prose' to build documents from")
+        raise DataError(f"{inputs['corpus']}: no records with source 'prose' to build documents from")
     rng = random.Random(config.seed)
     chats, texts = [], []
     for _ in range(config.n_docs):

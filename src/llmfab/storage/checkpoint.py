@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,8 +65,18 @@ def read_manifest(store: ObjectStore) -> dict:
         manifest = json.loads(store.get_text(MANIFEST))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{store.uri}/{MANIFEST}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{store.uri}/{MANIFEST}: unknown format {manifest.get('format')!r}")
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{store.uri}/{MANIFEST}: unknown format {found!r}")
+    for name, entry in manifest["files"].items():
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{store.uri}/{MANIFEST}: files.{name}: needs an integer size and a sha256")
     return manifest
 
 
@@ -107,17 +118,27 @@ def fetch_checkpoint(source: str | Path | ObjectStore, dest: str | Path | None =
         if (dest / MANIFEST).is_file():
             return dest
     dest = Path(dest)
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # A private staging folder: concurrent fetches (several ranks on a node) never share one.
+    partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     for name, entry in files.items():
         if not store.exists(name):
             raise CheckpointError(f"{store.uri_for(name)}: listed in {MANIFEST} but missing")
         store.get_file(name, partial / name)
         _verify_file(store.uri_for(name), partial / name, entry)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if (dest / MANIFEST).is_file() and json.loads((dest / MANIFEST).read_text()) == manifest:
+        shutil.rmtree(partial)  # another process finished the same fetch first: keep theirs
+        return dest
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
     return dest
+
+
+def delete_checkpoint(store: ObjectStore) -> None:
+    """Remove a checkpoint, its manifest first so it is never seen complete but partial."""
+    store.delete(MANIFEST)
+    store.delete_prefix("")
 
 
 def list_step_checkpoints(store: ObjectStore) -> list[tuple[int, str]]:

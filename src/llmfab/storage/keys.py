@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from llmfab.errors import StoreError
 
@@ -57,7 +57,10 @@ def parse_uri(uri: str | Path) -> StoreURI:
         return StoreURI("s3", f"{parsed.netloc}/{prefix}" if prefix else parsed.netloc)
     if text.startswith("file://"):
         parsed = urlparse(text)
-        return StoreURI("file", str(Path(parsed.netloc + parsed.path).resolve()))
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"unsupported store URI {text!r}: file:// URIs name this host only")
+        # Path.as_uri() percent-encodes (spaces, '#', non-ASCII): decode on the way back.
+        return StoreURI("file", str(Path(unquote(parsed.path)).resolve()))
     if "://" in text:
         raise StoreError(f"unsupported store URI {text!r}: use a local path, file:// or s3://")
     return StoreURI("file", str(Path(text).expanduser().resolve()))

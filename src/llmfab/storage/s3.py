@@ -129,7 +129,8 @@ class S3Store(ObjectStore):
         strip = f"{self.prefix}/" if self.prefix else ""
         keys = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=query):
-            keys.extend(obj["Key"][len(strip) :] for obj in page.get("Contents", []))
+            # Skip folder markers ("prefix/") that consoles and some servers create.
+            keys.extend(obj["Key"][len(strip) :] for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
         return iter(sorted(keys))
 
     def delete(self, key: str) -> None:

@@ -25,7 +25,9 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
-    checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: end only)")
+    checkpoint_every: int = Field(
+        0, ge=0, description="save a resumable checkpoint every N steps (0: none; the stage still writes its output)"
+    )
     keep_checkpoints: int = Field(2, ge=1, description="resumable checkpoints kept (older ones deleted)")
     log_every: int = Field(10, gt=0)
     deepspeed: dict[str, Any] | None = Field(None, description="DeepSpeed config (ZeRO stage etc.); None: plain torch")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 
 import torch
 
 from llmfab.data.io import iter_records
+from llmfab.errors import DataError, NoSplitError
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
+
+log = logging.getLogger(__name__)
 
 
 def tokenize_texts(tokenizer, texts: list[str], batch: int = 256) -> list[list[int]]:
@@ -41,24 +46,52 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
 def eval_lm_loss(model, packed: dict[str, torch.Tensor], batch_size: int = 8) -> float:
     """Token-weighted mean loss over packed rows."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(packed["input_ids"]), batch_size):
-        rows = {k: v[i : i + batch_size] for k, v in packed.items()}
+        rows = {k: v[i : i + batch_size].to(device) for k, v in packed.items()}
         n = int((rows["labels"][:, 1:] != IGNORE).sum())
         if n:
             total += lm_loss(model, rows)[0].item() * n
             count += n
-    return total / max(1, count)
+    if not count:
+        raise DataError("held-out rows contain no tokens to score")
+    return total / count
 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def pack_eval(docs_by_source: dict[str, list[list[int]]], seq_len: int, pad_id: int, max_rows: int):
+def pack_eval(docs_by_source: dict[str, list[list[int]]], seq_len: int, pad_id: int, max_rows: int, seed: int = 0):
+    """Held-out rows drawn from every source (documents shuffled with a fixed seed)."""
     docs = [d for src in sorted(docs_by_source) for d in docs_by_source[src]]
+    if not docs:
+        raise DataError("no held-out documents to evaluate on")
+    random.Random(seed).shuffle(docs)
     packed = pack_documents(docs, seq_len, pad_id)
     return {k: v[:max_rows] for k, v in packed.items()}
+
+
+def corpus_splits(uris: str | list[str], tokenizer, sources: list[str] | None = None, eval_fraction: float = 0.05):
+    """(train, held-out) documents by source. A dataset without a 'test' split (one file, say)
+    gives the first `eval_fraction` of its documents per source to held-out instead."""
+    train: dict[str, list[list[int]]] = {}
+    test: dict[str, list[list[int]]] = {}
+    for uri in [uris] if isinstance(uris, str) else uris:
+        own_train = load_corpus(uri, tokenizer, "train", sources)
+        try:
+            own_test = load_corpus(uri, tokenizer, "test", sources)
+        except NoSplitError:
+            log.warning("%s has no test split: holding out %.0f%% of its documents", uri, 100 * eval_fraction)
+            own_test = {}
+            for src, docs in own_train.items():
+                n = min(len(docs) - 1, max(1, round(len(docs) * eval_fraction))) if len(docs) > 1 else 0
+                own_test[src], own_train[src] = docs[:n], docs[n:]
+        for target, part in ((train, own_train), (test, own_test)):
+            for src, docs in part.items():
+                target.setdefault(src, []).extend(docs)
+    return train, test
 
 
 class PackedCorpus:
@@ -84,13 +117,10 @@ class PackedCorpus:
         # Every rank builds the same rows; each takes its own micro-batches of every step.
         self.batch_size, self.per_step = batch_size, grad_accum * rank_and_world()[1]
         rows_needed = max_steps * self.per_step * batch_size
-        docs = mixture_sample(
-            load_corpus(corpus_uri, tokenizer, "train", sources), mixture, rows_needed * seq_len, seed
-        )
+        train_docs, test_docs = corpus_splits(corpus_uri, tokenizer, sources)
+        docs = mixture_sample(train_docs, mixture, rows_needed * seq_len, seed)
         self.train = {k: v[:rows_needed] for k, v in pack_documents(docs, seq_len, tokenizer.pad_token_id).items()}
-        self.held_out = pack_eval(
-            load_corpus(corpus_uri, tokenizer, "test", sources), seq_len, tokenizer.pad_token_id, eval_rows
-        )
+        self.held_out = pack_eval(test_docs, seq_len, tokenizer.pad_token_id, eval_rows, seed)
 
     def batch_for_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         start = ((step * self.per_step + micro) * self.batch_size) % len(self.train["input_ids"])

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from llmfab.errors import DataError
+
 IGNORE = -100
 
 
@@ -56,14 +58,20 @@ def mixture_sample(
     docs_by_source: dict[str, list[list[int]]], weights: dict[str, float], n_tokens: int, seed: int
 ) -> list[list[int]]:
     """Draw documents (with replacement once a source runs out) until `n_tokens` are reached;
-    a source is picked with probability proportional to its weight times its size in tokens,
-    so weight 2.0 means "twice as often as its natural share"."""
+    a source is picked with probability proportional to its weight times its document count
+    (then a document uniformly), so each source's expected token share is its weight times its
+    natural share: weight 2.0 means "twice its natural share"."""
     rng = random.Random(seed)
     sources = [s for s in docs_by_source if docs_by_source[s] and weights.get(s, 1.0) > 0]
     if not sources:
-        raise ValueError("no documents to sample from (all sources empty or weighted 0)")
-    sizes = {s: sum(len(d) for d in docs_by_source[s]) for s in sources}
-    probs = [weights.get(s, 1.0) * sizes[s] for s in sources]
+        raise DataError("no documents to sample from (all sources empty or weighted 0)")
+    unknown = sorted(set(weights) - set(docs_by_source))
+    if unknown:
+        raise DataError(
+            f"mixture names source(s) {', '.join(unknown)} that the data does not have "
+            f"(sources: {', '.join(sorted(docs_by_source))})"
+        )
+    probs = [weights.get(s, 1.0) * len(docs_by_source[s]) for s in sources]
     orders = {s: [] for s in sources}
     out, total = [], 0
     while total < n_tokens:

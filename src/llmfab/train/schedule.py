@@ -12,7 +12,8 @@ def lr_multiplier(step: int, total: int, warmup: int, kind: str, min_ratio: floa
         return (step + 1) / warmup
     if kind == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+    # 0 at the first step after warmup, (n-1)/n at the last: every step moves the weights.
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if kind == "linear":
         return 1.0 - progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

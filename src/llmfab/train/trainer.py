@@ -23,6 +23,7 @@ import torch
 from llmfab.errors import LlmfabError
 from llmfab.stages.base import StageContext
 from llmfab.storage.checkpoint import (
+    delete_checkpoint,
     fetch_checkpoint,
     latest_step_checkpoint,
     list_step_checkpoints,
@@ -58,7 +59,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}
+    tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise TrainingError(f"{folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
@@ -108,7 +109,15 @@ class Trainer:
         self.step = 0
         self.history: list[float] = []
         self.rank, self.world_size = rank_and_world()
+        if self.world_size > 1:
+            # Needs gradient all-reduce (DDP) and per-rank optimizer-shard uploads; lands with the launcher.
+            raise TrainingError(
+                f"WORLD_SIZE={self.world_size}: multi-process training is not supported yet; "
+                "run one process per stage (DeepSpeed ZeRO 0-2 works in one process)"
+            )
         self.engine = None
+        if config.deepspeed is None and torch.cuda.is_available():
+            model.to("cuda")
         if config.deepspeed is not None:
             ds = deepspeed_config(
                 config.deepspeed,
@@ -136,7 +145,7 @@ class Trainer:
             torch.save(state, Path(tmp) / STATE_FILE)
             uri = write_checkpoint(self.ckpt_store.sub(step_name(self.step)), tmp, {**self.meta, "step": self.step})
         for _, name in list_step_checkpoints(self.ckpt_store)[: -self.config.keep_checkpoints]:
-            self.ckpt_store.sub(name).delete_prefix("")
+            delete_checkpoint(self.ckpt_store.sub(name))
         return uri
 
     def resume(self) -> bool:
@@ -156,6 +165,10 @@ class Trainer:
         log.info("resumed from %s (step %d)", store.uri, step)
         self.ctx.log_metrics({"resumed_from_step": step})
         return True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     # -- the loop ----------------------------------------------------------------------------
     def _autocast(self):
@@ -181,6 +194,7 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 # Each rank takes its own micro-batches of the same global step.
                 batch = batch_for_step(self.step, micro * self.world_size + self.rank)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self._autocast():
                     loss, metrics = self.loss_fn(self.model if self.engine is None else self.engine, batch)
                 if not torch.isfinite(loss):
