@@ -8,6 +8,7 @@ from llmfab.tracking import Tracker
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("family", list_families())
 def test_family_tiny_recipe_runs_end_to_end(family, tmp_path, tracking_uri):
     recipe = load_recipe(family, "tiny")
@@ -18,6 +19,10 @@ def test_family_tiny_recipe_runs_end_to_end(family, tmp_path, tracking_uri):
     assert {r.info.run_name for r in children} == set(result.steps)
     assert all(r.info.status == "FINISHED" for r in children)
     for step in recipe.steps:
-        if step.stage in ("pretrain", "distill", "anneal"):
-            metrics = result.steps[step.id].metrics
+        metrics = result.steps[step.id].metrics
+        if step.stage == "distill" and step.config.loss == "afm_top1":
+            # The AFM target is mostly the teacher's top-1 token: from a weak tiny teacher the student
+            # learns it (loss from ~ln V to ~1) while its true-token held-out loss need not fall.
+            assert metrics["train_loss"] < metrics["eval_loss_before"] / 2, (step.id, metrics)
+        elif step.stage in ("pretrain", "distill", "anneal"):
             assert metrics["eval_loss"] < metrics["eval_loss_before"], (step.id, metrics)
