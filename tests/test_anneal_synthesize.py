@@ -5,7 +5,7 @@ from conftest import pretrain_tiny
 from llmfab.config.base import validate
 from llmfab.data.io import read_dataset
 from llmfab.data.tasks import gold_reward
-from llmfab.errors import ConfigError
+from llmfab.errors import ConfigError, DataError
 from llmfab.models import load_model
 from llmfab.models.merge import average_state_dicts
 from llmfab.stages.anneal import AnnealConfig
@@ -96,7 +96,7 @@ def test_synthesize_text_from_a_model(testbed, base, tmp_path):
         track=False,
     )
     assert pre.outputs["model"]
-    with pytest.raises(ValueError, match="filtered out"):
+    with pytest.raises(DataError, match="filtered out"):
         run_stage(
             "synthesize_text",
             {**cfg, "min_tokens": 10_000},

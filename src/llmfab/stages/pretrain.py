@@ -86,6 +86,11 @@ def run(config: PretrainConfig, inputs: dict[str, str], ctx: StageContext) -> di
     tokenizer = load_tokenizer(inputs["tokenizer"])
     model = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)
     train_causal_lm(
-        config, ctx, model, tokenizer, packed_corpus(config, inputs["corpus"], tokenizer), meta={"stage": "pretrain"}
+        config,
+        ctx,
+        model,
+        tokenizer,
+        packed_corpus(config, [inputs["corpus"], *([inputs["extra"]] if "extra" in inputs else [])], tokenizer),
+        meta={"stage": "pretrain"},
     )
     return {"model": save_model(model, tokenizer, ctx.output("model"), {"stage": "pretrain", **ctx.metrics})}
