@@ -56,6 +56,15 @@ def _loss_curve(tracker: Tracker, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in tracker.client.get_metric_history(run_id, "train_loss")}
 
 
+def _crash_then_resume(cfg, inputs, store, tracker, monkeypatch, crash_after: int):
+    """Run until a crash injected after step `crash_after`, then rerun on the same store."""
+    monkeypatch.setenv(FAULT_ENV, str(crash_after))
+    with pytest.raises(InjectedFault):
+        run_stage("pretrain", cfg, inputs, store=store, tracker=tracker)
+    monkeypatch.delenv(FAULT_ENV)
+    return run_stage("pretrain", cfg, inputs, store=store, tracker=tracker)
+
+
 def test_resume_reproduces_the_loss_curve(testbed, tmp_path, monkeypatch, tracking_uri):
     inputs = {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]}
     cfg = _config(max_steps=10, checkpoint_every=3, grad_accum=2)
@@ -63,11 +72,7 @@ def test_resume_reproduces_the_loss_curve(testbed, tmp_path, monkeypatch, tracki
     full = run_stage("pretrain", cfg, inputs, store=open_store(tmp_path / "full"), tracker=tracker)
 
     interrupted = open_store(tmp_path / "interrupted")
-    monkeypatch.setenv(FAULT_ENV, "7")
-    with pytest.raises(InjectedFault):
-        run_stage("pretrain", cfg, inputs, store=interrupted, tracker=tracker)
-    monkeypatch.delenv(FAULT_ENV)
-    resumed = run_stage("pretrain", cfg, inputs, store=interrupted, tracker=tracker)
+    resumed = _crash_then_resume(cfg, inputs, interrupted, tracker, monkeypatch, crash_after=7)
 
     assert resumed.metrics["resumed_from_step"] == 6.0
     full_curve, resumed_curve = _loss_curve(tracker, full.run_id), _loss_curve(tracker, resumed.run_id)
@@ -109,11 +114,7 @@ def test_deepspeed_zero2_matches_plain_torch_and_resumes(testbed, tmp_path, monk
     tracker = Tracker(tracking_uri)
     plain = run_stage("pretrain", plain_cfg, inputs, store=open_store(tmp_path / "plain"), tracker=tracker)
     store = open_store(tmp_path / "ds")
-    monkeypatch.setenv(FAULT_ENV, "4")
-    with pytest.raises(InjectedFault):
-        run_stage("pretrain", ds_cfg, inputs, store=store, tracker=tracker)
-    monkeypatch.delenv(FAULT_ENV)
-    resumed = run_stage("pretrain", ds_cfg, inputs, store=store, tracker=tracker)
+    resumed = _crash_then_resume(ds_cfg, inputs, store, tracker, monkeypatch, crash_after=4)
     assert resumed.metrics["resumed_from_step"] == 4.0
     plain_curve, ds_curve = _loss_curve(tracker, plain.run_id), _loss_curve(tracker, resumed.run_id)
     for step in (5, 6):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from llmfab.config.base import field_path
 from llmfab.data.schemas import SCHEMAS
-from llmfab.errors import DataError, NoSplitError, StoreError
+from llmfab.errors import DataError, NoSplitError
 from llmfab.storage import ObjectStore, open_store
 from llmfab.storage.keys import parse_uri
 from llmfab.storage.local import LocalStore
@@ -195,10 +195,3 @@ def write_dataset(store: ObjectStore, splits: dict[str, list[dict]], kind: str, 
     info = {"kind": kind, "splits": counts, "meta": meta or {}}
     store.put_text("dataset.json", json.dumps(info, indent=1, sort_keys=True))
     return store.uri
-
-
-def dataset_info(uri: str) -> dict:
-    try:
-        return json.loads(open_store(uri).get_text("dataset.json"))
-    except StoreError as exc:
-        raise DataError(f"{uri}: no dataset.json (not a dataset written by llmfab)") from exc

@@ -21,7 +21,7 @@ from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import rank_and_world
-from llmfab.train.lm import corpus_splits, eval_lm_loss, lm_loss, load_corpus, perplexity
+from llmfab.train.lm import corpus_splits, eval_lm_loss, lm_loss, load_corpus, perplexity, step_batch
 from llmfab.train.trainer import Trainer
 
 
@@ -166,9 +166,7 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
             )
 
             def batch_for_step(step, micro, rows=rows):
-                per_step = tc.grad_accum * rank_and_world()[1]
-                start = ((step * per_step + micro) * tc.batch_size) % len(rows["input_ids"])
-                return {k: v[start : start + tc.batch_size] for k, v in rows.items()}
+                return step_batch(rows, step, micro, tc.batch_size, tc.grad_accum * rank_and_world()[1])
 
             Trainer(
                 model,

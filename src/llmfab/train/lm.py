@@ -94,6 +94,13 @@ def corpus_splits(uris: str | list[str], tokenizer, sources: list[str] | None = 
     return train, test
 
 
+def step_batch(rows: dict[str, torch.Tensor], step: int, micro: int, batch_size: int, per_step: int):
+    """Micro-batch `micro` of optimizer step `step` (`per_step` micro-batches a step, all ranks
+    together): a pure function of its arguments, so a resumed run sees the same batches."""
+    start = ((step * per_step + micro) * batch_size) % len(rows["input_ids"])
+    return {k: v[start : start + batch_size] for k, v in rows.items()}
+
+
 class PackedCorpus:
     """A text dataset tokenised, mixed, packed and cut to exactly the rows a run consumes, plus a
     held-out slice; `batch_for_step` is deterministic so a resumed run sees the same batches."""
@@ -123,8 +130,7 @@ class PackedCorpus:
         self.held_out = pack_eval(test_docs, seq_len, tokenizer.pad_token_id, eval_rows, seed)
 
     def batch_for_step(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        start = ((step * self.per_step + micro) * self.batch_size) % len(self.train["input_ids"])
-        return {k: v[start : start + self.batch_size] for k, v in self.train.items()}
+        return step_batch(self.train, step, micro, self.batch_size, self.per_step)
 
     def evaluate(self, model) -> dict[str, float]:
         loss = eval_lm_loss(model, self.held_out, self.batch_size)
