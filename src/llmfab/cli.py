@@ -120,7 +120,10 @@ def stage(
             key, sep, uri = item.partition("=")
             if not sep or not key or not uri:
                 raise LlmfabError(f"--input {item!r}: expected NAME=URI")
-            inputs[key] = uri
+            # Repeating a name gives a list (e.g. --input models=A --input models=B for `average`).
+            inputs[key] = (
+                [*([inputs[key]] if isinstance(inputs[key], str) else inputs[key]), uri] if key in inputs else uri
+            )
         from llmfab.stages import get_stage
 
         spec = get_stage(name)

@@ -17,12 +17,15 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     stop_at_eos: bool = True,
+    stop_token_ids: list[int] | None = None,
 ) -> list[str]:
-    """One completion per prompt (greedy when temperature == 0); the prompt is not included."""
+    """One completion per prompt (greedy when temperature == 0); the prompt is not included.
+    Generation stops at EOS, or at any of `stop_token_ids` when given."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
+    stop = (stop_token_ids or tokenizer.eos_token_id) if stop_at_eos else None
     outputs = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -34,13 +37,20 @@ def generate(
                 else {"do_sample": False}
             )
             out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
-                **sampling,
+                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **sampling
             )
             outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+def generate_chat(model, tokenizer, prompts: list[str], *, n: int = 1, **kwargs) -> list[list[str]]:
+    """`n` assistant replies to each user prompt, rendered with the chat template; a reply ends at
+    the turn terminator. All n x len(prompts) samples share batches (one seeded stream)."""
+    from llmfab.data.chat import prompt_text, stop_token_ids
+
+    rendered = [prompt_text(tokenizer, p) for p in prompts for _ in range(n)]
+    kwargs.setdefault("stop_token_ids", stop_token_ids(tokenizer))
+    flat = [r.strip() for r in generate(model, tokenizer, rendered, **kwargs)]
+    return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from llmfab.config.recipe import Recipe
+from llmfab.config.recipe import Recipe, as_refs
 from llmfab.errors import ConfigError
 from llmfab.stages.runner import StageResult, run_stage
 from llmfab.storage import open_store
@@ -23,8 +23,10 @@ class PipelineResult:
     steps: dict[str, StageResult] = field(default_factory=dict)
 
 
-def resolve_input(ref: str, outputs: dict[str, dict[str, str]]) -> str:
-    """'step.output' -> that output's URI; anything else is already a URI or path."""
+def resolve_input(ref: str | list[str], outputs: dict[str, dict[str, str]]) -> str | list[str]:
+    """'step.output' -> that output's URI; anything else is already a URI or path (lists map)."""
+    if isinstance(ref, list):
+        return [resolve_input(r, outputs) for r in ref]
     if "://" in ref or ref.startswith(("/", "./")):
         return ref
     step, _, name = ref.partition(".")
@@ -82,7 +84,10 @@ def run_recipe(
 
 def _needed_by(step_id: str, targets: list[str], recipe: Recipe) -> bool:
     """Whether any target step depends (transitively) on `step_id`."""
-    deps = {s.id: {ref.partition(".")[0] for ref in s.inputs.values() if "://" not in ref} for s in recipe.steps}
+    deps = {
+        s.id: {ref.partition(".")[0] for refs in s.inputs.values() for ref in as_refs(refs) if "://" not in ref}
+        for s in recipe.steps
+    }
     frontier, seen = list(targets), set()
     while frontier:
         current = frontier.pop()

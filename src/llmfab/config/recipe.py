@@ -41,7 +41,9 @@ STEP_ID = r"^[a-z][a-z0-9_-]*$"
 class StepSpec(StrictModel):
     id: str = Field(pattern=STEP_ID)
     stage: str
-    inputs: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="input name -> 'step.output' or URI; a list for many-model inputs"
+    )
     description: str = ""
 
 
@@ -63,7 +65,7 @@ class RecipeFile(StrictModel):
 class ResolvedStep:
     id: str
     stage: str
-    inputs: dict[str, str]
+    inputs: dict[str, str | list[str]]
     config: StageConfig
 
 
@@ -93,6 +95,11 @@ class Recipe:
                 for s in self.steps
             ],
         }
+
+
+def as_refs(value: str | list[str]) -> list[str]:
+    """An input's references as a list (most inputs are one reference)."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def recipe_path(family_or_path: str | Path) -> Path:
@@ -184,7 +191,7 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
         data = _substitute(preset_data["config"].get(step.id, {}), model_dicts, f"{source}: {where}")
         config = spec.make_config(data, source, where)
         spec_where = f"{source}: steps[{index}] ({step.id})"
-        for name, ref in step.inputs.items():
+        for name, ref in ((n, r) for n, refs in step.inputs.items() for r in as_refs(refs)):
             if "://" in ref or ref.startswith(("/", "./")):
                 continue
             src_step, _, output = ref.partition(".")

@@ -30,8 +30,17 @@ def load_model(ref: str | Path, *, dtype: str = "float32", device="cpu", kind: s
 
     from llmfab.models.architectures import DTYPES
 
-    cls = transformers.AutoModelForCausalLM if kind == "causal_lm" else transformers.AutoModelForSequenceClassification
-    return cls.from_pretrained(resolve_ref(ref), dtype=DTYPES[dtype]).to(device)
+    if kind == "causal_lm":
+        return transformers.AutoModelForCausalLM.from_pretrained(resolve_ref(ref), dtype=DTYPES[dtype]).to(device)
+    if kind != "reward":
+        raise ValueError(f"unknown model kind {kind!r}")
+    # From a causal LM checkpoint the scalar head is new (initialised from the torch RNG).
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_ref(ref), dtype=DTYPES[dtype], num_labels=1
+    )
+    if model.config.pad_token_id is None:
+        raise ValueError(f"{ref}: a reward model needs pad_token_id in its config (it pools the last non-pad token)")
+    return model.to(device)
 
 
 def load_tokenizer(ref: str | Path):

@@ -139,6 +139,10 @@ class StageContext:
         if self.run is not None:
             self.run.log_dict(data, artifact_file)
 
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        if self.run is not None:
+            self.run.log_table(data, f"{self.prefix.rstrip('.')}/{artifact_file}" if self.prefix else artifact_file)
+
     def progress(self, iterable: Iterable | None = None, **kwargs):
         from tqdm.auto import tqdm
 

@@ -25,6 +25,8 @@ class PrepareDataConfig(StageConfig):
     prompts: int = Field(500, ge=0)
     preference_pairs: int = Field(2000, ge=0)
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_operand: int = Field(50, ge=1, description="arithmetic operands are drawn from 0..max_operand")
+    kv_pairs: int = Field(8, ge=1, description="records per key-value retrieval document")
 
 
 @stage(
@@ -40,14 +42,18 @@ class PrepareDataConfig(StageConfig):
 def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Generate the tiny testbed: stdlib prose/code corpora and verifiable-task datasets."""
     rng = random.Random(config.seed)
+    knobs = {"max_operand": config.max_operand, "kv_pairs": config.kv_pairs}
     # Each dataset draws from its own stream so changing one count does not reshuffle the others.
     streams = {name: random.Random(rng.getrandbits(64)) for name in ("text", "sft", "prompts", "preferences")}
 
-    sft = [testbed.chat_record(ex) for ex in testbed.sample_examples(config.tasks, config.sft_examples, streams["sft"])]
-    prompt_examples = testbed.sample_examples(config.tasks, config.prompts, streams["prompts"])
+    sft = [
+        testbed.chat_record(ex)
+        for ex in testbed.sample_examples(config.tasks, config.sft_examples, streams["sft"], **knobs)
+    ]
+    prompt_examples = testbed.sample_examples(config.tasks, config.prompts, streams["prompts"], **knobs)
     prompts = [testbed.prompt_record(ex) for ex in prompt_examples]
     pref_rng = streams["preferences"]
-    pref_examples = testbed.sample_examples(config.tasks, config.preference_pairs, pref_rng)
+    pref_examples = testbed.sample_examples(config.tasks, config.preference_pairs, pref_rng, **knobs)
     prefs = [testbed.preference_record(ex, pref_rng) for ex in pref_examples]
     splits = {
         name: testbed.split(records, config.eval_fraction)
@@ -55,7 +61,7 @@ def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) ->
     }
     # Pre-training demos never show a prompt that any evaluation split asks.
     held_out = {testbed.prompt_of(r) for s in splits.values() for r in s["test"]}
-    candidates = testbed.sample_examples(config.tasks, config.task_docs * 2, streams["text"])
+    candidates = testbed.sample_examples(config.tasks, config.task_docs * 2, streams["text"], **knobs)
     demos = [ex for ex in candidates if ex.prompt not in held_out][: config.task_docs]
     prose = prose_documents(config.prose_docs, config.seed, config.max_doc_chars)
     code = code_documents(config.code_docs, config.seed, config.max_doc_chars)

@@ -97,7 +97,7 @@ def corpus_splits(uris: str | list[str], tokenizer, sources: list[str] | None = 
 def step_batch(rows: dict[str, torch.Tensor], step: int, micro: int, batch_size: int, per_step: int):
     """Micro-batch `micro` of optimizer step `step` (`per_step` micro-batches a step, all ranks
     together): a pure function of its arguments, so a resumed run sees the same batches."""
-    start = ((step * per_step + micro) * batch_size) % len(rows["input_ids"])
+    start = ((step * per_step + micro) * batch_size) % len(next(iter(rows.values())))
     return {k: v[start : start + batch_size] for k, v in rows.items()}
 
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 DS_DIR = "deepspeed"
 FAULT_ENV = "LLMFAB_FAIL_AT_STEP"
+TOKEN_KEYS = ("input_ids", "chosen_ids", "rejected_ids")  # counted for tokens_per_sec
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -87,6 +88,7 @@ class Trainer:
         eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         eval_every: int = 0,
         checkpoint_meta: dict | None = None,
+        wrap_optimizer: Callable[[torch.optim.Optimizer], object] | None = None,
     ):
         self.model = model
         self.config = config
@@ -106,6 +108,8 @@ class Trainer:
             lr=opt.lr,
             betas=opt.betas,
         )
+        if wrap_optimizer is not None:  # e.g. the Online Merging Optimizer around AdamW
+            self.optimizer = wrap_optimizer(self.optimizer)
         self.step = 0
         self.history: list[float] = []
         self.rank, self.world_size = rank_and_world()
@@ -210,7 +214,7 @@ class Trainer:
                 total += loss.item() / cfg.grad_accum
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
-                tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+                tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
             if self.engine is not None:
                 grad_norm = self.engine.get_global_grad_norm() or 0.0
             else:

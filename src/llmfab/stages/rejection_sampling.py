@@ -1,0 +1,116 @@
+"""rejection_sampling: sample K answers per prompt from one or more models, keep the reward
+model's favourite per prompt, fine-tune the policy on the kept answers. One sampler is Llama
+3.1's rejection sampling; a committee of several (the latest SFT / RS / DPO / RL models plus the
+best earlier ones) is AFM's iterative teaching committee (iTeC)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from pydantic import Field
+
+from llmfab.config.recipe import as_refs
+from llmfab.data.io import read_dataset, write_dataset
+from llmfab.errors import DataError
+from llmfab.evaluation.gold import score_gold
+from llmfab.generation import generate_chat
+from llmfab.models import load_model, load_tokenizer
+from llmfab.stages import sft as sft_stage
+from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.pairs import reward_scores
+
+
+class RejectionSamplingConfig(StageConfig):
+    samples_per_model: int = Field(4, ge=1, description="K answers per prompt from every sampler")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
+    min_score: float | None = Field(None, description="drop prompts whose best answer scores below this")
+    held_out: float = Field(0.05, ge=0, lt=1, description="fraction of kept answers held out for SFT eval loss")
+    sft: sft_stage.SFTConfig = Field(default_factory=sft_stage.SFTConfig, description="fine-tuning on the kept answers")
+
+
+@stage(
+    "rejection_sampling",
+    RejectionSamplingConfig,
+    inputs={
+        "model": "policy checkpoint: fine-tuned on the kept answers (and a sampler)",
+        "reward_model": "reward model that ranks the answers",
+        "prompts": "prompt dataset",
+    },
+    optional_inputs={
+        "committee": "more sampler checkpoints (iTeC); a list",
+        "eval_prompts": "prompt dataset whose test split measures the gold reward",
+    },
+    outputs={"model": "fine-tuned policy", "data": "chat dataset of the kept answers"},
+)
+def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dict[str, str]:
+    """Best-of-K by the reward model (over one model or a committee), then SFT on the winners."""
+    samplers = [inputs["model"], *as_refs(inputs.get("committee", []))]
+    tokenizer = load_tokenizer(inputs["model"])
+    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
+    if not prompts:
+        raise DataError(f"{inputs['prompts']}: no training prompts")
+    texts = [r["prompt"] for r in prompts]
+    candidates: list[list[tuple[str, int]]] = [[] for _ in prompts]  # (answer, sampler index) per prompt
+    for index, ref in enumerate(samplers):
+        model = load_model(ref)
+        if len(load_tokenizer(ref)) != len(tokenizer):
+            raise DataError(f"committee member {ref} has a different tokenizer than the policy")
+        answers = generate_chat(
+            model,
+            tokenizer,
+            texts,
+            n=config.samples_per_model,
+            temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed * 104_729 + index,
+        )
+        for slot, group in zip(candidates, answers, strict=True):
+            slot.extend((a, index) for a in group)
+        del model
+    reward_model = load_model(inputs["reward_model"], kind="reward")
+    flat = [(i, answer, who) for i, slot in enumerate(candidates) for answer, who in slot]
+    scores = reward_scores(reward_model, tokenizer, [texts[i] for i, _, _ in flat], [a for _, a, _ in flat])
+    best: dict[int, tuple[float, str, int]] = {}
+    for (i, answer, who), score in zip(flat, scores.tolist(), strict=True):
+        if answer and (i not in best or score > best[i][0]):
+            best[i] = (score, answer, who)
+    kept = {i: b for i, b in best.items() if config.min_score is None or b[0] >= config.min_score}
+    if not kept:
+        raise DataError("rejection_sampling: no answer kept (all empty or below min_score)")
+
+    metrics = {"candidates": len(flat), "kept": len(kept), "rm_score_all": scores.mean().item()}
+    metrics["rm_score_kept"] = sum(b[0] for b in kept.values()) / len(kept)
+    gold_idx = [j for j, (i, _, _) in enumerate(flat) if prompts[i].get("task")]
+    if gold_idx:  # how much better the kept answers are by the gold reward: the selection gain
+        metrics["gold_reward_all"] = sum(
+            score_gold([prompts[flat[j][0]] for j in gold_idx], [flat[j][1] for j in gold_idx])
+        ) / len(gold_idx)
+        kept_gold = [i for i in kept if prompts[i].get("task")]
+        if kept_gold:
+            metrics["gold_reward_kept"] = sum(
+                score_gold([prompts[i] for i in kept_gold], [kept[i][1] for i in kept_gold])
+            ) / len(kept_gold)
+    wins = Counter(b[2] for b in kept.values())
+    metrics.update({f"winner_share_sampler{k}": wins[k] / len(kept) for k in range(len(samplers))})
+    ctx.log_metrics(metrics)
+    ctx.log_params({"samplers": samplers})
+
+    records = [
+        {
+            "messages": [{"role": "user", "content": texts[i]}, {"role": "assistant", "content": answer}],
+            "task": prompts[i].get("task"),
+            "meta": {**(prompts[i].get("meta") or {}), "rm_score": score, "sampler": who},
+        }
+        for i, (score, answer, who) in sorted(kept.items())
+    ]
+    random.Random(config.seed).shuffle(records)
+    n_test = max(1, round(len(records) * config.held_out)) if len(records) > 1 else 0
+    data = write_dataset(ctx.output("data"), {"train": records[n_test:], "test": records[:n_test]}, "chat")
+    sft_inputs = {"model": inputs["model"], "data": data}
+    if "eval_prompts" in inputs:
+        sft_inputs["eval_prompts"] = inputs["eval_prompts"]
+    out = sft_stage.run(config.sft, sft_inputs, ctx)
+    return {"model": out["model"], "data": data}

@@ -1,0 +1,124 @@
+"""Preference pairs as tensors: chosen and rejected conversations, right-padded, with response
+masks; the batch puts all chosen rows first, then all rejected, so one forward scores both.
+
+Right padding needs no attention mask: with causal attention no real token sees the padding,
+and the reward model pools the last non-pad token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from llmfab.data.chat import encode_response, formatting_mask
+from llmfab.errors import DataError
+from llmfab.train.lm import step_batch
+
+log = logging.getLogger(__name__)
+
+# AFM: P(chosen is better) per preference level (significantly / better / slightly / negligibly).
+AFM_LEVEL_LABELS = (0.95, 0.85, 0.75, 0.65)
+
+
+def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
+    return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
+
+
+def encode_pairs(
+    tokenizer,
+    records: list[dict],
+    max_len: int,
+    *,
+    mask_formatting: bool = False,
+    level_labels: tuple[float, ...] | None = None,
+    where: str = "preferences",
+) -> dict[str, torch.Tensor]:
+    """Tensors per pair: chosen/rejected ids and response masks (formatting tokens excluded
+    when `mask_formatting`), the full chosen response mask (for NLL), margin and soft label."""
+    cols: dict[str, list] = {k: [] for k in ("c_ids", "c_mask", "c_full", "r_ids", "r_mask", "margin", "label")}
+    dropped = 0
+    for rec in records:
+        c_ids, c_mask = encode_response(tokenizer, rec["prompt"], rec["chosen"])
+        r_ids, r_mask = encode_response(tokenizer, rec["prompt"], rec["rejected"])
+        if max(len(c_ids), len(r_ids)) > max_len:
+            dropped += 1
+            continue
+        cols["c_full"].append(c_mask)
+        if mask_formatting:
+            c_mask = [m * (1 - f) for m, f in zip(c_mask, formatting_mask(tokenizer, c_ids), strict=True)]
+            r_mask = [m * (1 - f) for m, f in zip(r_mask, formatting_mask(tokenizer, r_ids), strict=True)]
+        cols["c_ids"].append(c_ids)
+        cols["c_mask"].append(c_mask)
+        cols["r_ids"].append(r_ids)
+        cols["r_mask"].append(r_mask)
+        cols["margin"].append(float(rec.get("margin") or 0.0))
+        level = rec.get("level")
+        cols["label"].append(level_labels[level] if level_labels is not None and level is not None else 1.0)
+    if dropped:
+        log.warning("%s: dropped %d of %d pairs longer than %d tokens", where, dropped, len(records), max_len)
+    if not cols["c_ids"]:
+        raise DataError(f"{where}: no preference pairs left (all longer than max_len={max_len} or none given)")
+    length = max(len(s) for s in cols["c_ids"] + cols["r_ids"])
+    pad = tokenizer.pad_token_id
+    return {
+        "chosen_ids": _pad(cols["c_ids"], pad, length),
+        "chosen_mask": _pad(cols["c_mask"], 0, length),
+        "chosen_full_mask": _pad(cols["c_full"], 0, length),
+        "rejected_ids": _pad(cols["r_ids"], pad, length),
+        "rejected_mask": _pad(cols["r_mask"], 0, length),
+        "margin": torch.tensor(cols["margin"]),
+        "label": torch.tensor(cols["label"]),
+    }
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop padding columns no row of this batch uses."""
+    used = (batch["chosen_mask"] + batch["rejected_mask"] + batch["chosen_full_mask"]).sum(0).nonzero()
+    end = int(used.max()) + 1 if len(used) else 1
+    return {k: v[:, :end] if v.ndim == 2 else v for k, v in batch.items()}
+
+
+def pair_batch(rows: dict[str, torch.Tensor], step: int, micro: int, batch_size: int, per_step: int):
+    return trim(step_batch(rows, step, micro, batch_size, per_step))
+
+
+def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (2B, T): chosen rows, then rejected rows."""
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"]])
+    return ids, mask
+
+
+@torch.no_grad()
+def reference_logps(model, rows: dict[str, torch.Tensor], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of every chosen and rejected response under `model` (computed once)."""
+    from llmfab.losses.preference import sequence_logps
+
+    model.eval()
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    n = len(rows["chosen_ids"])
+    for i in range(0, n, batch_size):
+        batch = trim({k: v[i : i + batch_size] for k, v in rows.items()})
+        ids, mask = stacked(batch)
+        logits = model(input_ids=ids.to(device), use_cache=False).logits
+        logps = sequence_logps(logits, ids.to(device), mask.to(device)).cpu()
+        c, r = logps.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32):
+    """The reward model's scalar score of each (prompt, response)."""
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    encoded = [encode_response(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True)]
+    scores = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        ids = _pad(chunk, tokenizer.pad_token_id, max(len(s) for s in chunk)).to(device)
+        scores.append(reward_model(input_ids=ids, use_cache=False).logits[:, 0].float().cpu())
+    return torch.cat(scores)
