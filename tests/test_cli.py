@@ -57,7 +57,14 @@ def test_compile_plan(tmp_path):
         "synthetic",
         "pretrain",
         "long_context",
+        "sft",
+        "dpo",
+        "reward",
+        "online_dpo",
     ]
+    llama = plans[2]
+    average = next(s for s in llama["steps"] if s["id"] == "average")
+    assert average["inputs"]["models"] == ["dpo.model", "dpo_b.model"]  # a list input
     assert qwen2["steps"][4]["config"]["model"]["hidden_size"] == 128  # ${models.policy} resolved
 
 

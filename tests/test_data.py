@@ -153,6 +153,11 @@ def test_prepared_demos_exclude_evaluation_prompts(tmp_path):
             held.add(r["messages"][0]["content"] if kind == "chat" else r["prompt"])
     demos = [r["text"] for r in read_dataset(res.outputs["text"], "text") if r["source"] == "tasks"]
     assert demos and not any(d.rsplit("\n", 1)[0] in held for d in demos)
+    # No dataset trains on a prompt that another dataset evaluates on.
+    for name, kind in (("sft", "chat"), ("prompts", "prompt"), ("preferences", "preference")):
+        train = read_dataset(res.outputs[name], kind, "train")
+        asked = {r["messages"][0]["content"] if kind == "chat" else r["prompt"] for r in train}
+        assert train and not asked & held, name
 
 
 def test_split_lookup_by_file_names(tmp_path):

@@ -168,6 +168,7 @@ def test_online_dpo_episodes(testbed, models, tmp_path):
         "prompts_per_episode": 8,
         "samples_per_prompt": 3,
         "max_new_tokens": 8,
+        "keep_truncated": True,  # a 60-step model rarely ends its turn
         "train": {"max_steps": 4, "batch_size": 4, "optim": {"lr": 1e-3}},
         "eval": QUICK_EVAL,
     }
@@ -182,6 +183,7 @@ def test_rejection_sampling_with_a_committee(testbed, models, tmp_path):
     cfg = {
         "samples_per_model": 2,
         "max_new_tokens": 8,
+        "keep_truncated": True,  # a 30-step model rarely ends its turn
         "max_prompts": 12,
         "sft": {"train": {"max_steps": 2, "batch_size": 4}, "eval": QUICK_EVAL},
     }
@@ -215,3 +217,13 @@ def test_encode_chat_rejects_a_template_less_tokenizer(testbed):
     tok.chat_template = None
     with pytest.raises(DataError, match="chat template"):
         encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+
+
+def test_truncated_answers_are_not_kept(testbed, models, tmp_path):
+    """An answer cut off by max_new_tokens is not an answer: rejection sampling refuses to train on it."""
+    from llmfab.errors import DataError
+
+    cfg = {"samples_per_model": 2, "max_new_tokens": 1, "max_prompts": 4, "sft": {"train": {"max_steps": 1}}}
+    inputs = {"model": models["base"], "reward_model": models["base"], "prompts": testbed["prompts"]}
+    with pytest.raises(DataError, match="cut off by max_new_tokens"):
+        _run("rejection_sampling", cfg, inputs, tmp_path)

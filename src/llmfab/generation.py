@@ -18,15 +18,18 @@ def generate(
     batch_size: int = 16,
     stop_at_eos: bool = True,
     stop_token_ids: list[int] | None = None,
-) -> list[str]:
+    with_finished: bool = False,
+) -> list[str] | tuple[list[str], list[bool]]:
     """One completion per prompt (greedy when temperature == 0); the prompt is not included.
-    Generation stops at EOS, or at any of `stop_token_ids` when given."""
+    Generation stops at EOS, or at any of `stop_token_ids` when given. With `with_finished`,
+    also says which completions ended with a stop token (the others hit max_new_tokens)."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     stop = (stop_token_ids or tokenizer.eos_token_id) if stop_at_eos else None
-    outputs = []
+    outputs, finished = [], []
+    stop_ids = torch.tensor([stop] if isinstance(stop, int) else (stop or []), dtype=torch.long)
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -39,18 +42,26 @@ def generate(
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **sampling
             )
-            outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            finished.extend(torch.isin(new_tokens.cpu(), stop_ids).any(-1).tolist())
     finally:
         tokenizer.padding_side = side
-    return outputs
+    return (outputs, finished) if with_finished else outputs
 
 
-def generate_chat(model, tokenizer, prompts: list[str], *, n: int = 1, **kwargs) -> list[list[str]]:
+def generate_chat(model, tokenizer, prompts: list[str], *, n: int = 1, finished_only: bool = False, **kwargs):
     """`n` assistant replies to each user prompt, rendered with the chat template; a reply ends at
-    the turn terminator. All n x len(prompts) samples share batches (one seeded stream)."""
+    the turn terminator. All n x len(prompts) samples share batches (one seeded stream). With
+    `finished_only`, replies cut off by max_new_tokens are dropped: a truncated answer is not an
+    answer, and training on it (with an end token appended) would teach stopping mid-way."""
     from llmfab.data.chat import prompt_text, stop_token_ids
 
     rendered = [prompt_text(tokenizer, p) for p in prompts for _ in range(n)]
     kwargs.setdefault("stop_token_ids", stop_token_ids(tokenizer))
-    flat = [r.strip() for r in generate(model, tokenizer, rendered, **kwargs)]
-    return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+    texts, finished = generate(model, tokenizer, rendered, with_finished=True, **kwargs)
+    groups = [[] for _ in prompts]
+    for j, (text, done) in enumerate(zip(texts, finished, strict=True)):
+        if done or not finished_only:
+            groups[j // n].append(text.strip())
+    return groups

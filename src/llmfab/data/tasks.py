@@ -95,8 +95,14 @@ class FormatFollowing:
     name = "format"
     KINDS = ("repeat", "upper", "reverse")
 
+    def __init__(self, kinds: tuple[str, ...] = KINDS):
+        unknown = set(kinds) - set(self.KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"format kinds must be a non-empty subset of {self.KINDS}, got {kinds}")
+        self.kinds = tuple(kinds)
+
     def sample(self, rng: random.Random) -> Example:
-        kind, word = rng.choice(self.KINDS), rng.choice(WORDS)
+        kind, word = rng.choice(self.kinds), rng.choice(WORDS)
         if kind == "repeat":
             n = rng.randint(2, 5)
             prompt, answer = f"Write the word {word} {n} times, separated by commas.", ", ".join([word] * n)

@@ -5,15 +5,25 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from llmfab.data.tasks import Arithmetic, Example, KVRetrieval, get_task
+from llmfab.data.tasks import Arithmetic, Example, FormatFollowing, KVRetrieval, get_task
 
 
 def sample_examples(
-    tasks: list[str], n: int, rng: random.Random, *, max_operand: int = 50, kv_pairs: int = 8
+    tasks: list[str],
+    n: int,
+    rng: random.Random,
+    *,
+    max_operand: int = 50,
+    kv_pairs: int = 8,
+    format_kinds: tuple[str, ...] = FormatFollowing.KINDS,
 ) -> list[Example]:
     """`n` examples spread evenly over `tasks` (round robin), each drawn from `rng`; the difficulty
     knobs size the arithmetic operands and the key-value documents."""
-    samplers = {"arithmetic": Arithmetic(max_operand), "kv_retrieval": KVRetrieval(kv_pairs)}
+    samplers = {
+        "arithmetic": Arithmetic(max_operand),
+        "kv_retrieval": KVRetrieval(kv_pairs),
+        "format": FormatFollowing(tuple(format_kinds)),
+    }
     return [samplers.get(t, get_task(t)).sample(rng) for t in (tasks[i % len(tasks)] for i in range(n))]
 
 

@@ -3,6 +3,7 @@ variant (formatting tokens masked, + 0.2 NLL on chosen) and Qwen2's Online Mergi
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from llmfab.data.io import read_dataset
@@ -38,6 +39,8 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     model = load_model(inputs["model"])
     train = read_dataset(inputs["data"], "preference", "train")
     rows = encode_pairs(tokenizer, train, config.max_len, mask_formatting=config.mask_formatting, where=inputs["data"])
+    order = torch.randperm(len(rows["chosen_ids"]), generator=torch.Generator().manual_seed(config.seed))
+    rows = {k: v[order] for k, v in rows.items()}  # the seed sets the data order
     reference = load_model(inputs.get("reference", inputs["model"]))
     rows["ref_chosen"], rows["ref_rejected"] = reference_logps(reference, rows, config.train.batch_size)
     del reference

@@ -27,6 +27,7 @@ class OnlineDPOConfig(StageConfig, DPOLossConfig):
     samples_per_prompt: int = Field(4, ge=2)
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(32, gt=0)
+    keep_truncated: bool = Field(False, description="also pair answers cut off by max_new_tokens")
     min_score_gap: float = Field(0.0, ge=0, description="skip prompts whose best and worst scores are closer")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
@@ -70,16 +71,21 @@ class Episodes:
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed * 7919 + episode,
+            finished_only=not cfg.keep_truncated,
         )
         self.policy.train(was_training)
-        flat_prompts = [r["prompt"] for r in batch for _ in range(n)]
-        scores = reward_scores(self.rm, self.tok, flat_prompts, [s for group in samples for s in group]).view(-1, n)
+        flat_prompts = [r["prompt"] for r, group in zip(batch, samples, strict=True) for _ in group]
+        flat_scores = reward_scores(self.rm, self.tok, flat_prompts, [s for group in samples for s in group])
         pairs, gold_all, gold_chosen, gold_rejected = [], [], [], []
-        for record, group, score in zip(batch, samples, scores, strict=True):
-            best, worst = int(score.argmax()), int(score.argmin())
-            gold = score_gold([record] * n, group) if record.get("task") else None
+        offset = 0
+        for record, group in zip(batch, samples, strict=True):
+            score, offset = flat_scores[offset : offset + len(group)], offset + len(group)
+            gold = score_gold([record] * len(group), group) if record.get("task") else None
             if gold:
                 gold_all.extend(gold)
+            if len(group) < 2:
+                continue
+            best, worst = int(score.argmax()), int(score.argmin())
             if group[best] == group[worst] or float(score[best] - score[worst]) <= cfg.min_score_gap:
                 continue
             pairs.append({"prompt": record["prompt"], "chosen": group[best], "rejected": group[worst]})
@@ -88,15 +94,16 @@ class Episodes:
                 gold_rejected.append(gold[worst])
         if not pairs:
             raise DataError(
-                f"online_dpo episode {episode}: no prompt gave two different answers with distinct scores; "
-                "raise temperature or samples_per_prompt"
+                f"online_dpo episode {episode}: no prompt gave two different finished answers with distinct "
+                "scores; raise temperature, samples_per_prompt or max_new_tokens"
             )
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         self.ctx.log_metrics(
             {
                 "episode": episode,
                 "episode_pairs": len(pairs),
-                "episode_rm_score": scores.mean().item(),
+                "episode_rm_score": flat_scores.mean().item() if len(flat_scores) else None,
+                "episode_finished": len(flat_scores) / (len(batch) * n),  # the rest hit max_new_tokens
                 "episode_gold_reward": mean(gold_all),  # reward hacking shows as RM up, gold flat
                 "episode_gold_chosen": mean(gold_chosen),
                 "episode_gold_rejected": mean(gold_rejected),

@@ -27,6 +27,11 @@ class PrepareDataConfig(StageConfig):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_operand: int = Field(50, ge=1, description="arithmetic operands are drawn from 0..max_operand")
     kv_pairs: int = Field(8, ge=1, description="records per key-value retrieval document")
+    format_kinds: list[Literal["repeat", "upper", "reverse"]] = Field(
+        default_factory=lambda: ["repeat", "upper", "reverse"],
+        min_length=1,
+        description="format tasks; upper/reverse of a held-out word are out of reach for tiny models",
+    )
 
 
 @stage(
@@ -42,7 +47,7 @@ class PrepareDataConfig(StageConfig):
 def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Generate the tiny testbed: stdlib prose/code corpora and verifiable-task datasets."""
     rng = random.Random(config.seed)
-    knobs = {"max_operand": config.max_operand, "kv_pairs": config.kv_pairs}
+    knobs = {"max_operand": config.max_operand, "kv_pairs": config.kv_pairs, "format_kinds": config.format_kinds}
     # Each dataset draws from its own stream so changing one count does not reshuffle the others.
     streams = {name: random.Random(rng.getrandbits(64)) for name in ("text", "sft", "prompts", "preferences")}
 
@@ -59,8 +64,11 @@ def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) ->
         name: testbed.split(records, config.eval_fraction)
         for name, records in (("sft", sft), ("prompts", prompts), ("preferences", prefs))
     }
-    # Pre-training demos never show a prompt that any evaluation split asks.
+    # A prompt that any evaluation split asks is never trained on: not in another dataset's train
+    # split (SFT must not see the prompts the gold reward is measured on), not in pre-training demos.
     held_out = {testbed.prompt_of(r) for s in splits.values() for r in s["test"]}
+    for s in splits.values():
+        s["train"] = [r for r in s["train"] if testbed.prompt_of(r) not in held_out]
     candidates = testbed.sample_examples(config.tasks, config.task_docs * 2, streams["text"], **knobs)
     demos = [ex for ex in candidates if ex.prompt not in held_out][: config.task_docs]
     prose = prose_documents(config.prose_docs, config.seed, config.max_doc_chars)

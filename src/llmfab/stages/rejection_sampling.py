@@ -27,6 +27,10 @@ class RejectionSamplingConfig(StageConfig):
     max_new_tokens: int = Field(32, gt=0)
     max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
     min_score: float | None = Field(None, description="drop prompts whose best answer scores below this")
+    keep_top: float = Field(
+        1.0, gt=0, le=1, description="keep only this fraction of prompts, those whose best answer scores highest"
+    )
+    keep_truncated: bool = Field(False, description="also consider answers cut off by max_new_tokens")
     held_out: float = Field(0.05, ge=0, lt=1, description="fraction of kept answers held out for SFT eval loss")
     sft: sft_stage.SFTConfig = Field(default_factory=sft_stage.SFTConfig, description="fine-tuning on the kept answers")
 
@@ -66,20 +70,26 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
             temperature=config.temperature,
             max_new_tokens=config.max_new_tokens,
             seed=config.seed * 104_729 + index,
+            finished_only=not config.keep_truncated,
         )
         for slot, group in zip(candidates, answers, strict=True):
             slot.extend((a, index) for a in group)
         del model
     reward_model = load_model(inputs["reward_model"], kind="reward")
     flat = [(i, answer, who) for i, slot in enumerate(candidates) for answer, who in slot]
+    if not flat:
+        raise DataError("rejection_sampling: no answer kept (every sample was cut off by max_new_tokens)")
     scores = reward_scores(reward_model, tokenizer, [texts[i] for i, _, _ in flat], [a for _, a, _ in flat])
     best: dict[int, tuple[float, str, int]] = {}
     for (i, answer, who), score in zip(flat, scores.tolist(), strict=True):
         if answer and (i not in best or score > best[i][0]):
             best[i] = (score, answer, who)
     kept = {i: b for i, b in best.items() if config.min_score is None or b[0] >= config.min_score}
+    if config.keep_top < 1:
+        ranked = sorted(kept, key=lambda i: kept[i][0], reverse=True)
+        kept = {i: kept[i] for i in ranked[: max(1, round(len(ranked) * config.keep_top))]}
     if not kept:
-        raise DataError("rejection_sampling: no answer kept (all empty or below min_score)")
+        raise DataError("rejection_sampling: no answer kept (all empty, cut off by max_new_tokens, or below min_score)")
 
     metrics = {"candidates": len(flat), "kept": len(kept), "rm_score_all": scores.mean().item()}
     metrics["rm_score_kept"] = sum(b[0] for b in kept.values()) / len(kept)

@@ -23,6 +23,7 @@ from llmfab.train.trainer import Trainer
 
 class SFTConfig(StageConfig):
     max_len: int = Field(256, gt=1, description="tokens per packed row; longer conversations are dropped")
+    max_examples: int | None = Field(None, gt=0, description="train on the first N conversations only")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
     distill: Literal["none", "logits", "on_policy"] = Field(
@@ -87,6 +88,8 @@ class OnPolicyBatches:
             batch_size=bs,
         )
         self.model.train(was_training)
+        # Truncated answers are kept: the loss is the teacher's whole distribution at each answer
+        # position, not the sampled token, so a cut-off answer is still a valid target.
         examples = [encode_response(self.tokenizer, p, a[0]) for p, a in zip(prompts, answers, strict=True)]
         width = max(len(ids) for ids, _ in examples)
         pad = self.tokenizer.pad_token_id
@@ -119,7 +122,7 @@ def run(config: SFTConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     tokenizer = load_tokenizer(inputs["model"])
     model = load_model(inputs["model"])
     tc = config.train
-    train = [r["messages"] for r in read_dataset(inputs["data"], "chat", "train")]
+    train = [r["messages"] for r in read_dataset(inputs["data"], "chat", "train", limit=config.max_examples)]
     examples, dropped = encode_conversations(tokenizer, train, config.max_len, inputs["data"])
     rows = pack_examples(examples, config.max_len, tokenizer.pad_token_id, config.seed)
     test = [r["messages"] for r in read_dataset(inputs["data"], "chat", "test", limit=256)]

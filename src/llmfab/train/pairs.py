@@ -116,7 +116,7 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
     reward_model.eval()
     device = next(reward_model.parameters()).device
     encoded = [encode_response(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True)]
-    scores = []
+    scores = [torch.zeros(0)]
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i : i + batch_size]
         ids = _pad(chunk, tokenizer.pad_token_id, max(len(s) for s in chunk)).to(device)
