@@ -227,3 +227,27 @@ def test_truncated_answers_are_not_kept(testbed, models, tmp_path):
     inputs = {"model": models["base"], "reward_model": models["base"], "prompts": testbed["prompts"]}
     with pytest.raises(DataError, match="cut off by max_new_tokens"):
         _run("rejection_sampling", cfg, inputs, tmp_path)
+
+
+def test_generated_samples_are_logged_to_mlflow(testbed, models, tmp_path, tracking_uri):
+    from llmfab.tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    cfg = {"train": {"max_steps": 2, "batch_size": 4}, "eval": QUICK_EVAL}
+    res = run_stage(
+        "sft",
+        cfg,
+        {"model": models["base"], "data": testbed["sft"], "eval_prompts": testbed["prompts"]},
+        store=open_store(tmp_path),
+        tracker=tracker,
+        show_progress=False,
+    )
+    logged = {a.path for a in tracker.client.list_artifacts(res.run_id, "samples")}
+    assert logged == {"samples/gold_eval_before.json", "samples/gold_eval_after.json"}
+    table = tracker.client.download_artifacts(res.run_id, "samples/gold_eval_after.json", str(tmp_path))
+    import json
+    from pathlib import Path
+
+    rows = json.loads(Path(table).read_text())
+    assert set(rows["columns"]) == {"task", "prompt", "response", "gold_reward"}
+    assert 0 < len(rows["data"]) <= QUICK_EVAL["prompts"]

@@ -116,6 +116,15 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
         }
         for i, (score, answer, who) in sorted(kept.items())
     ]
+    ctx.log_table(
+        {
+            "prompt": [r["messages"][0]["content"][-200:] for r in records[:32]],
+            "kept": [r["messages"][1]["content"] for r in records[:32]],
+            "rm_score": [r["meta"]["rm_score"] for r in records[:32]],
+            "sampler": [r["meta"]["sampler"] for r in records[:32]],
+        },
+        "samples/kept.json",
+    )
     random.Random(config.seed).shuffle(records)
     n_test = max(1, round(len(records) * config.held_out)) if len(records) > 1 else 0
     data = write_dataset(ctx.output("data"), {"train": records[n_test:], "test": records[:n_test]}, "chat")
