@@ -46,5 +46,5 @@ def run(config: AverageConfig, inputs: dict, ctx: StageContext) -> dict[str, str
     merged.load_state_dict(state)
     del models[1:]
     log_gold_eval(merged, tokenizer, records, config.eval, ctx)
-    ctx.log_params({"members": refs, "weights": config.weights or "uniform"})
+    ctx.log_params({"members": refs})  # the weights are a config param already
     return {"model": save_model(merged, tokenizer, ctx.output("model"), {"stage": "average", **ctx.metrics})}
