@@ -103,6 +103,15 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
         trainer.fit(lambda step, micro: {"x": torch.ones(1, 2)})
 
 
+def test_wrapped_optimizer_under_deepspeed_is_refused(tmp_path):
+    from llmfab.stages.base import StageContext
+
+    ctx = StageContext("omo", open_store(tmp_path), show_progress=False)
+    config = TrainConfig(deepspeed={"zero_optimization": {"stage": 2}})
+    with pytest.raises(TrainingError, match="cannot run under deepspeed"):
+        Trainer(torch.nn.Linear(2, 2), config, ctx, lambda m, b: (m(b).sum(), {}), wrap_optimizer=lambda opt: opt)
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_matches_plain_torch_and_resumes(testbed, tmp_path, monkeypatch, tracking_uri):
     """ZeRO-2 through DeepSpeed (single CPU process, gloo) follows the plain loop's loss curve and

@@ -109,6 +109,9 @@ class Trainer:
             betas=opt.betas,
         )
         if wrap_optimizer is not None:  # e.g. the Online Merging Optimizer around AdamW
+            if config.deepspeed is not None:
+                # DeepSpeed steps its own (sharded) optimizer: a wrapper around AdamW would never run.
+                raise TrainingError("a wrapped optimizer (e.g. optimizer=online_merging) cannot run under deepspeed")
             self.optimizer = wrap_optimizer(self.optimizer)
         self.step = 0
         self.history: list[float] = []
