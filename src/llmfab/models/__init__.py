@@ -2,6 +2,7 @@
 
 from llmfab.models.architectures import build_hf_config, build_model, count_parameters, init_model
 from llmfab.models.checkpoints import load_model, load_tokenizer, save_model
+from llmfab.models.embeddings import match_vocab, resize_embeddings
 
 __all__ = [
     "build_hf_config",
@@ -10,5 +11,7 @@ __all__ = [
     "init_model",
     "load_model",
     "load_tokenizer",
+    "match_vocab",
+    "resize_embeddings",
     "save_model",
 ]

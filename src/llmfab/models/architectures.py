@@ -76,15 +76,19 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed: int = 0):
     """The model a training stage starts from: the `init` checkpoint if given, else `cfg` built
-    from scratch with the tokenizer's vocabulary size and special-token ids."""
+    from scratch with the tokenizer's vocabulary size and special-token ids. A loaded model whose
+    embeddings are smaller than the tokenizer is resized to it."""
     import logging
 
     from llmfab.errors import ConfigError
+    from llmfab.models.embeddings import match_vocab
 
     if init_ref:
         from llmfab.models.checkpoints import load_model
 
-        return load_model(init_ref, dtype=cfg.dtype if cfg else "float32")
+        model = load_model(init_ref, dtype=cfg.dtype if cfg else "float32")
+        match_vocab(model, tokenizer)
+        return model
     if cfg is None:
         raise ConfigError("model: required when the stage has no `init` checkpoint input")
     if cfg.pretrained is None and cfg.vocab_size != len(tokenizer):
@@ -92,4 +96,6 @@ def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed
         cfg = cfg.model_copy(update={"vocab_size": len(tokenizer)})
     from llmfab.tokenizer import special_token_ids
 
-    return build_model(cfg, seed=seed, **special_token_ids(tokenizer))
+    model = build_model(cfg, seed=seed, **special_token_ids(tokenizer))
+    match_vocab(model, tokenizer)  # a pretrained model may predate tokens the tokenizer stage added
+    return model

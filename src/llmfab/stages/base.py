@@ -139,9 +139,17 @@ class StageContext:
         if self.run is not None:
             self.run.log_dict(data, artifact_file)
 
+    def _artifact_path(self, artifact_file: str) -> str:
+        return f"{self.prefix.rstrip('.')}/{artifact_file}" if self.prefix else artifact_file
+
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         if self.run is not None:
-            self.run.log_table(data, f"{self.prefix.rstrip('.')}/{artifact_file}" if self.prefix else artifact_file)
+            self.run.log_table(data, self._artifact_path(artifact_file))
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (e.g. `report.png`)."""
+        if self.run is not None:
+            self.run.log_figure(figure, self._artifact_path(artifact_file))
 
     def progress(self, iterable: Iterable | None = None, **kwargs):
         from tqdm.auto import tqdm

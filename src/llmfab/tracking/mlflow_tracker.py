@@ -119,6 +119,9 @@ class TrackedRun:
     def log_table(self, data: dict[str, list], artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
     def log_system_info(self) -> None:
         self.set_tags({f"llmfab.system.{k}": v for k, v in system_info().items()})
 
