@@ -160,6 +160,26 @@ def test_prepared_demos_exclude_evaluation_prompts(tmp_path):
         assert train and not asked & held, name
 
 
+def test_fact_documents_state_every_answer_but_ask_no_question(tmp_path):
+    """fact_docs put arithmetic knowledge into pre-training as equations; the evaluation questions
+    themselves stay out of every text, and the facts are right."""
+    res = _prepare(tmp_path, "facts", tasks=["arithmetic"], max_operand=3, fact_docs=40, prompts=60)
+    text = read_dataset(res.outputs["text"], "text", "train") + read_dataset(res.outputs["text"], "text", "test")
+    facts = [line for r in text if r["source"] == "facts" for line in r["text"].splitlines()]
+    assert len(facts) == 40 * 8
+    for line in facts:
+        left, right = line.split(" = ")
+        a, op, b = left.split()
+        assert int(right) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    held = {r["prompt"] for r in read_dataset(res.outputs["prompts"], "prompt", "test")}
+    answers = {
+        f"{r['meta']['a']} {r['meta']['op']} {r['meta']['b']}"
+        for r in read_dataset(res.outputs["prompts"], "prompt", "test")
+    }
+    assert held and answers & {line.split(" = ")[0] for line in facts}  # the facts behind held-out questions are known
+    assert not any(q in r["text"] for r in text for q in held)
+
+
 def test_split_lookup_by_file_names(tmp_path):
     from llmfab.errors import NoSplitError
 

@@ -53,6 +53,19 @@ def task_text(ex: Example) -> dict:
     return {"text": f"{ex.prompt}\n{ex.answer}", "source": "tasks"}
 
 
+def fact_documents(n: int, max_operand: int, rng: random.Random, per_doc: int = 8) -> list[dict]:
+    """`n` documents of `per_doc` arithmetic facts each, as equations rather than questions: the
+    facts behind held-out questions are known, the questions themselves are never shown."""
+    docs = []
+    for _ in range(n):
+        lines = []
+        for _ in range(per_doc):
+            a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+            lines.append(f"{a} {op} {b} = {a + b if op == '+' else a - b}")
+        docs.append({"text": "\n".join(lines), "source": "facts"})
+    return docs
+
+
 def prompt_of(record: dict) -> str:
     """What must not appear on both sides of a split: the prompt (or the text itself)."""
     if "messages" in record:

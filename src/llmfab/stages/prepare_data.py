@@ -21,6 +21,12 @@ class PrepareDataConfig(StageConfig):
     code_docs: int = Field(1000, ge=0)
     task_docs: int = Field(2000, ge=0, description="task examples rendered as plain text for pre-training")
     max_doc_chars: int = Field(2000, ge=100)
+    fact_docs: int = Field(
+        0,
+        ge=0,
+        description="pre-training documents of arithmetic facts as equations ('3 + 4 = 7') over every operand "
+        "pair: knowledge the base model holds and post-training must elicit; no held-out question appears",
+    )
     sft_examples: int = Field(2000, ge=0)
     prompts: int = Field(500, ge=0)
     preference_pairs: int = Field(2000, ge=0)
@@ -49,7 +55,7 @@ def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) ->
     rng = random.Random(config.seed)
     knobs = {"max_operand": config.max_operand, "kv_pairs": config.kv_pairs, "format_kinds": config.format_kinds}
     # Each dataset draws from its own stream so changing one count does not reshuffle the others.
-    streams = {name: random.Random(rng.getrandbits(64)) for name in ("text", "sft", "prompts", "preferences")}
+    streams = {name: random.Random(rng.getrandbits(64)) for name in ("text", "sft", "prompts", "preferences", "facts")}
 
     sft = [
         testbed.chat_record(ex)
@@ -75,6 +81,7 @@ def run(config: PrepareDataConfig, inputs: dict[str, str], ctx: StageContext) ->
     code = code_documents(config.code_docs, config.seed, config.max_doc_chars)
     text = [{"text": d, "source": "prose"} for d in prose] + [{"text": d, "source": "code"} for d in code]
     text += [testbed.task_text(ex) for ex in demos]
+    text += testbed.fact_documents(config.fact_docs, config.max_operand, streams["facts"])
     streams["text"].shuffle(text)
     splits["text"] = testbed.split(text, config.eval_fraction)
 
