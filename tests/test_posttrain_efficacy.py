@@ -1,10 +1,13 @@
-"""Post-training on the tiny testbed, end to end (slow): base -> SFT -> RM -> DPO / online DPO /
-rejection sampling, every policy measured by the gold reward on prompts no stage trained on.
+"""Post-training on the tiny testbed, end to end (slow): base -> SFT -> RM -> DPO (written pairs, and
+pairs of the policy's own answers ranked by the verifier) / online DPO / rejection sampling, every
+policy measured by the gold reward on prompts no stage trained on.
 
 Asserted: SFT lifts the gold reward far above the base model, the reward model ranks held-out
-pairs clearly above chance, and no preference stage collapses the policy. The preference stages'
-gains over SFT are printed, not asserted: at this scale they are within a few points either way
-(see the closing note of the post-training issue for the measured table and the diagnosis).
+pairs clearly above chance, rejection sampling improves on SFT, and no preference stage collapses
+the policy. The DPO stages' changes over SFT are printed, not asserted: at this scale the policy
+cannot learn held-out arithmetic (greedy 0/15 distinct prompts, sampled ~10%) and has saturated the
+format task (pass@8 = pass@1), so the held-out set (29 distinct prompts) leaves them one or two
+prompts either way; the post-training issue's closing note has the measurements.
 """
 
 import pytest
@@ -50,6 +53,11 @@ def test_post_training_chain_on_the_tiny_testbed(tmp_path):
     policy = sft.outputs["model"]
     dpo = run("dpo", "dpo", {"beta": 0.1, "nll_weight": 0.2, "train": _train(3e-5, 100), "eval": EVAL},
               {"model": policy, "data": data["preferences"], **common})  # fmt: skip
+    pairs = run("pairs", "collect_preferences", {
+        "samples_per_model": 4, "temperature": 0.7, "max_new_tokens": 24, "max_prompts": 1600,
+    }, {"models": policy, "prompts": data["prompts"]})  # fmt: skip
+    own = run("dpo_own", "dpo", {"beta": 0.1, "nll_weight": 1.0, "train": _train(3e-5, 100), "eval": EVAL},
+              {"model": policy, "data": pairs.outputs["data"], **common})  # fmt: skip
     online = run("online_dpo", "online_dpo", {
         "episodes": 4, "prompts_per_episode": 64, "samples_per_prompt": 4, "max_new_tokens": 24,
         "train": _train(2e-5, 80), "eval": EVAL,
@@ -61,7 +69,10 @@ def test_post_training_chain_on_the_tiny_testbed(tmp_path):
 
     s = sft.metrics
     rows = [("base", s["gold_reward_before"]), ("sft", s["gold_reward"])]
-    rows += [(name, r.metrics["gold_reward"]) for name, r in (("dpo", dpo), ("online_dpo", online), ("rs", rs))]
+    rows += [
+        (name, r.metrics["gold_reward"])
+        for name, r in (("dpo", dpo), ("dpo_own_answers", own), ("online_dpo", online), ("rs", rs))
+    ]
     print("\n| policy | gold reward (held-out) | vs SFT |\n| --- | --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value:.3f} | {value - s['gold_reward']:+.3f} |")
@@ -69,10 +80,14 @@ def test_post_training_chain_on_the_tiny_testbed(tmp_path):
     print(f"reward model held-out accuracy {acc['eval_accuracy']:.3f} (before {acc['eval_accuracy_before']:.3f})")
     print(f"online DPO last episode: gold of RM-chosen {online.metrics.get('episode_gold_chosen')}, "
           f"RM-rejected {online.metrics.get('episode_gold_rejected')}")  # fmt: skip
+    print(f"own-answer pairs: {pairs.metrics['pairs']:.0f}, verifier score chosen "
+          f"{pairs.metrics['score_chosen']:.3f} vs rejected {pairs.metrics['score_rejected']:.3f}")  # fmt: skip
     print(f"rejection sampling: gold of all samples {rs.metrics['gold_reward_all']:.3f}, "
           f"kept {rs.metrics['gold_reward_kept']:.3f}")  # fmt: skip
 
     assert s["gold_reward"] >= s["gold_reward_before"] + 0.3
     assert rm.metrics["eval_accuracy"] >= 0.6 > rm.metrics["eval_accuracy_before"]
+    assert rs.metrics["gold_reward"] > s["gold_reward"]
+    assert pairs.metrics["score_chosen"] > pairs.metrics["score_rejected"]
     for name, value in rows[2:]:
         assert value >= 0.5 * s["gold_reward"], f"{name} collapsed the policy: {value:.3f}"

@@ -202,6 +202,43 @@ def test_rejection_sampling_with_a_committee(testbed, models, tmp_path):
     assert len(kept) == m["kept"] and all("rm_score" in r["meta"] for r in kept)
 
 
+def test_collect_preferences_pairs_own_answers_by_the_verifier(testbed, models, tmp_path):
+    """Each pair is two of the models' own answers to one prompt, the verifier's best over its
+    worst; a prompt whose answers all score alike gives no pair."""
+    from llmfab.data.tasks import gold_reward
+
+    cfg = {"samples_per_model": 3, "temperature": 1.5, "max_new_tokens": 8, "keep_truncated": True, "max_prompts": 40}
+    res = _run(
+        "collect_preferences",
+        cfg,
+        {"models": [models["base"], models["teacher"]], "prompts": testbed["prompts"]},
+        tmp_path,
+    )
+    m = res.metrics
+    pairs = read_dataset(res.outputs["data"], "preference", "train") + read_dataset(
+        res.outputs["data"], "preference", "test"
+    )
+    assert len(pairs) == m["pairs"] > 0 and m["answers"] <= 40 * 3 * 2
+    for p in pairs:
+        chosen, rejected = (
+            gold_reward(p["task"], p["meta"], p["chosen"]),
+            gold_reward(p["task"], p["meta"], p["rejected"]),
+        )
+        assert chosen - rejected == pytest.approx(p["margin"]) and p["margin"] > 0
+        assert {p["meta"]["chosen_model"], p["meta"]["rejected_model"]} <= {0, 1}
+    assert m["score_chosen"] > m["score_rejected"]
+
+
+def test_preference_level_and_tie_breaking():
+    import random
+
+    from llmfab.stages.collect_preferences import best_and_worst, preference_level
+
+    assert [preference_level(g) for g in (1.0, 0.6, 0.3, 0.1)] == [0, 1, 2, 3]
+    picks = {best_and_worst([1.0, 0.0, 1.0, 0.0], random.Random(seed)) for seed in range(20)}
+    assert picks == {(0, 1), (0, 3), (2, 1), (2, 3)}  # ties broken at random, not by position
+
+
 def test_average_is_the_weighted_mean(models, tmp_path):
     res = _run("average", {"weights": [1, 3]}, {"models": [models["base"], models["teacher"]]}, tmp_path)
     a, b = load_model(models["base"]).state_dict(), load_model(models["teacher"]).state_dict()

@@ -1,0 +1,146 @@
+"""collect_preferences: the preference-data round of Llama 3.1 / AFM / Qwen2. The latest models
+answer the prompts several times each; an annotator ranks the answers; the best and the worst
+answer of a prompt become a pair. Pairs drawn from the policy's own answers are what DPO and the
+reward model need: they cover the mistakes the policy actually makes, where pairs written
+offline do not.
+
+Annotators: `verifier`, the tasks' verifiable rewards (answer checkers, format checkers: the
+testbed's gold reward; Llama 3.1 and Qwen2 rank math and code this way), standing in for the
+human raters of a real round; or `reward_model`, an RM's scores (RLAIF)."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+from pydantic import Field
+
+from llmfab.config.recipe import as_refs
+from llmfab.data.io import read_dataset, write_dataset
+from llmfab.data.tasks import TASKS
+from llmfab.errors import ConfigError, DataError
+from llmfab.evaluation.gold import score_gold
+from llmfab.generation import generate_chat
+from llmfab.models import load_model, load_tokenizer
+from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.pairs import reward_scores
+
+
+class CollectPreferencesConfig(StageConfig):
+    annotator: Literal["verifier", "reward_model"] = "verifier"
+    samples_per_model: int = Field(4, ge=1, description="answers per prompt from every model")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
+    min_gap: float = Field(0.0, ge=0, description="keep a pair only when best - worst score exceeds this")
+    keep_truncated: bool = Field(False, description="also rank answers cut off by max_new_tokens")
+    held_out: float = Field(0.1, ge=0, lt=1, description="fraction of pairs in the test split")
+
+
+def preference_level(gap: float) -> int:
+    """A verifier score gap in [0, 1] as AFM's level: 0 significantly ... 3 negligibly better."""
+    return 0 if gap >= 0.75 else 1 if gap >= 0.5 else 2 if gap >= 0.25 else 3
+
+
+def best_and_worst(scores: list[float], rng: random.Random) -> tuple[int, int]:
+    """Indices of a best and a worst answer; ties broken at random, not by sampling order."""
+    top, bottom = max(scores), min(scores)
+    return (
+        rng.choice([i for i, s in enumerate(scores) if s == top]),
+        rng.choice([i for i, s in enumerate(scores) if s == bottom]),
+    )
+
+
+@stage(
+    "collect_preferences",
+    CollectPreferencesConfig,
+    inputs={"models": "the model(s) that answer: one checkpoint or a list", "prompts": "prompt dataset"},
+    optional_inputs={"reward_model": "ranks the answers when annotator=reward_model"},
+    outputs={"data": "preference dataset (train/test) of the models' own answers"},
+)
+def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> dict[str, str]:
+    """Sample answers from the models, rank them, write best-vs-worst pairs per prompt."""
+    models = as_refs(inputs["models"])
+    if config.annotator == "reward_model" and "reward_model" not in inputs:
+        raise ConfigError("collect_preferences: annotator=reward_model needs a `reward_model` input")
+    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
+    if config.annotator == "verifier":
+        prompts = [r for r in prompts if r.get("task") in TASKS]
+    if not prompts:
+        raise DataError(f"{inputs['prompts']}: no training prompts the {config.annotator} can score")
+    tokenizer = load_tokenizer(models[0])
+    texts = [r["prompt"] for r in prompts]
+    answers: list[dict[str, int]] = [{} for _ in prompts]  # distinct answer -> the model that gave it first
+    for index, ref in enumerate(models):
+        if len(load_tokenizer(ref)) != len(tokenizer):
+            raise DataError(f"collect_preferences: {ref} has a different tokenizer than {models[0]}")
+        groups = generate_chat(
+            load_model(ref),
+            tokenizer,
+            texts,
+            n=config.samples_per_model,
+            temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed * 104_729 + index,
+            finished_only=not config.keep_truncated,
+        )
+        for slot, group in zip(answers, groups, strict=True):
+            for answer in group:
+                if answer:
+                    slot.setdefault(answer, index)
+
+    flat = [(i, answer) for i, slot in enumerate(answers) for answer in slot]
+    if config.annotator == "verifier":
+        scores = score_gold([prompts[i] for i, _ in flat], [a for _, a in flat])
+    else:
+        rm = load_model(inputs["reward_model"], kind="reward").eval()
+        scores = reward_scores(rm, tokenizer, [texts[i] for i, _ in flat], [a for _, a in flat]).tolist()
+    by_prompt: dict[int, list[tuple[str, float]]] = {}
+    for (i, answer), score in zip(flat, scores, strict=True):
+        by_prompt.setdefault(i, []).append((answer, score))
+
+    rng = random.Random(config.seed)
+    pairs, chosen_scores, rejected_scores = [], [], []
+    for i, scored in sorted(by_prompt.items()):
+        best, worst = best_and_worst([s for _, s in scored], rng)
+        gap = scored[best][1] - scored[worst][1]
+        if gap <= config.min_gap:
+            continue  # all answers equally good (or bad): no preference to learn
+        record = prompts[i]
+        chosen_scores.append(scored[best][1])
+        rejected_scores.append(scored[worst][1])
+        pairs.append(
+            {
+                "prompt": record["prompt"],
+                "chosen": scored[best][0],
+                "rejected": scored[worst][0],
+                "level": preference_level(gap) if config.annotator == "verifier" else None,
+                "margin": gap,
+                "task": record.get("task"),
+                "meta": {
+                    **(record.get("meta") or {}),
+                    "chosen_model": answers[i][scored[best][0]],
+                    "rejected_model": answers[i][scored[worst][0]],
+                },
+            }
+        )
+    if not pairs:
+        raise DataError(
+            "collect_preferences: no prompt had two answers of different quality; raise temperature, "
+            "samples_per_model or max_new_tokens, or add models"
+        )
+    metrics = {
+        "prompts": len(prompts),
+        "answers": len(flat),
+        "pairs": len(pairs),
+        "score_all": sum(scores) / len(scores),
+        "score_chosen": sum(chosen_scores) / len(pairs),
+        "score_rejected": sum(rejected_scores) / len(pairs),
+    }
+    ctx.log_metrics(metrics)
+    ctx.log_params({"models": models})
+    columns = ("prompt", "chosen", "rejected", "margin")
+    ctx.log_table({k: [p[k] for p in pairs[:32]] for k in columns}, "samples/pairs.json")
+    rng.shuffle(pairs)
+    n_test = round(len(pairs) * config.held_out) if len(pairs) > 1 else 0
+    return {"data": write_dataset(ctx.output("data"), {"train": pairs[n_test:], "test": pairs[:n_test]}, "preference")}
