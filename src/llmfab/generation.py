@@ -65,3 +65,20 @@ def generate_chat(model, tokenizer, prompts: list[str], *, n: int = 1, finished_
         if done or not finished_only:
             groups[j // n].append(text.strip())
     return groups
+
+
+def answers_from_models(refs: list[str], tokenizer, prompts: list[str], *, n: int, seed: int, **kwargs):
+    """`n` chat answers to each prompt from every checkpoint in `refs`, loaded one at a time (a
+    committee need not fit in memory together); per prompt, a list of (answer, index into refs).
+    Model i samples with seed + i, so adding a member leaves the others' answers unchanged."""
+    from llmfab.errors import DataError
+    from llmfab.models import load_model, load_tokenizer
+
+    out: list[list[tuple[str, int]]] = [[] for _ in prompts]
+    for index, ref in enumerate(refs):
+        if len(load_tokenizer(ref)) != len(tokenizer):
+            raise DataError(f"{ref} has a different tokenizer than {refs[0]}")
+        groups = generate_chat(load_model(ref), tokenizer, prompts, n=n, seed=seed + index, **kwargs)
+        for slot, group in zip(out, groups, strict=True):
+            slot.extend((answer, index) for answer in group)
+    return out

@@ -20,7 +20,7 @@ from llmfab.data.io import read_dataset, write_dataset
 from llmfab.data.tasks import TASKS
 from llmfab.errors import ConfigError, DataError
 from llmfab.evaluation.gold import score_gold
-from llmfab.generation import generate_chat
+from llmfab.generation import answers_from_models
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.pairs import reward_scores
@@ -70,24 +70,21 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
         raise DataError(f"{inputs['prompts']}: no training prompts the {config.annotator} can score")
     tokenizer = load_tokenizer(models[0])
     texts = [r["prompt"] for r in prompts]
+    sampled = answers_from_models(
+        models,
+        tokenizer,
+        texts,
+        n=config.samples_per_model,
+        seed=config.seed * 104_729,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        finished_only=not config.keep_truncated,
+    )
     answers: list[dict[str, int]] = [{} for _ in prompts]  # distinct answer -> the model that gave it first
-    for index, ref in enumerate(models):
-        if len(load_tokenizer(ref)) != len(tokenizer):
-            raise DataError(f"collect_preferences: {ref} has a different tokenizer than {models[0]}")
-        groups = generate_chat(
-            load_model(ref),
-            tokenizer,
-            texts,
-            n=config.samples_per_model,
-            temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed * 104_729 + index,
-            finished_only=not config.keep_truncated,
-        )
-        for slot, group in zip(answers, groups, strict=True):
-            for answer in group:
-                if answer:
-                    slot.setdefault(answer, index)
+    for slot, group in zip(answers, sampled, strict=True):
+        for answer, index in group:
+            if answer:
+                slot.setdefault(answer, index)
 
     flat = [(i, answer) for i, slot in enumerate(answers) for answer in slot]
     if config.annotator == "verifier":

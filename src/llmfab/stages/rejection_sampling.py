@@ -14,7 +14,7 @@ from llmfab.config.recipe import as_refs
 from llmfab.data.io import read_dataset, write_dataset
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import score_gold
-from llmfab.generation import generate_chat
+from llmfab.generation import answers_from_models
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages import sft as sft_stage
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -57,24 +57,16 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     if not prompts:
         raise DataError(f"{inputs['prompts']}: no training prompts")
     texts = [r["prompt"] for r in prompts]
-    candidates: list[list[tuple[str, int]]] = [[] for _ in prompts]  # (answer, sampler index) per prompt
-    for index, ref in enumerate(samplers):
-        model = load_model(ref)
-        if len(load_tokenizer(ref)) != len(tokenizer):
-            raise DataError(f"committee member {ref} has a different tokenizer than the policy")
-        answers = generate_chat(
-            model,
-            tokenizer,
-            texts,
-            n=config.samples_per_model,
-            temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed * 104_729 + index,
-            finished_only=not config.keep_truncated,
-        )
-        for slot, group in zip(candidates, answers, strict=True):
-            slot.extend((a, index) for a in group)
-        del model
+    candidates = answers_from_models(  # (answer, sampler index) per prompt
+        samplers,
+        tokenizer,
+        texts,
+        n=config.samples_per_model,
+        seed=config.seed * 104_729,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        finished_only=not config.keep_truncated,
+    )
     reward_model = load_model(inputs["reward_model"], kind="reward")
     flat = [(i, answer, who) for i, slot in enumerate(candidates) for answer, who in slot]
     if not flat:
