@@ -148,3 +148,18 @@ def test_unknown_only_step_is_an_error():
     result = runner.invoke(app, ["run", "qwen2", "--only", "pretrian"])
     assert result.exit_code == 2
     assert "--only pretrian: no such step" in result.output
+
+
+def test_images_lists_each_targets_image():
+    from llmfab.images import GROUPS
+    from llmfab.stages import all_stages
+
+    assert "images" in runner.invoke(app, ["--help"]).output
+    result = runner.invoke(app, ["images", "--plain", "--registry", "registry.example.com/ml", "--tag", "1.2.3"])
+    assert result.exit_code == 0, result.output
+    images = dict(line.split() for line in result.output.splitlines())
+    assert set(images) == {*GROUPS, *all_stages()}
+    assert images["sft"] == "registry.example.com/ml/llmfab-sft:1.2.3"
+    table = runner.invoke(app, ["images"]).output
+    assert "prepare_data" in table and "…" not in table
+    assert runner.invoke(app, ["images", "--tag", "not a tag"]).exit_code == 2

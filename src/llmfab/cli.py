@@ -149,6 +149,39 @@ def stages() -> None:
 
 
 @app.command()
+def images(
+    registry: Annotated[
+        str | None, typer.Option(help="Registry/namespace [default: $LLMFAB_IMAGE_REGISTRY or ghcr.io/llmfab]")
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option(help="Image tag [default: $LLMFAB_IMAGE_TAG or the llmfab version]")
+    ] = None,
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Print 'TARGET IMAGE' lines, groups first (for scripts)")
+    ] = False,
+) -> None:
+    """List the images of images/Dockerfile: each group base and each stage's own image."""
+    from llmfab.images import GROUPS, all_images, stage_group
+
+    try:
+        names = all_images(registry, tag)
+    except LlmfabError as exc:
+        _fail(exc)
+    if plain:
+        typer.echo("\n".join(f"{target} {image}" for target, image in names.items()))
+        return
+    table = Table(title="images (docker build -f images/Dockerfile --target TARGET -t IMAGE .)")
+    for col in ("target", "from", "gpu"):
+        table.add_column(col)
+    table.add_column("image", overflow="fold")  # whole names, wrapped on a narrow terminal
+    for target, image in names.items():
+        group = GROUPS[target] if target in GROUPS else stage_group(target)
+        base = group.base if target in GROUPS else group.name
+        table.add_row(target, base, "yes" if group.gpu else "no", image)
+    Console().print(table)
+
+
+@app.command()
 def recipes() -> None:
     """List the family recipes and their presets."""
     from llmfab.config.recipe import RecipeFile, list_families, recipe_path
