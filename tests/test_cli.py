@@ -158,7 +158,8 @@ def test_images_lists_each_targets_image():
     result = runner.invoke(app, ["images", "--plain", "--registry", "registry.example.com/ml", "--tag", "1.2.3"])
     assert result.exit_code == 0, result.output
     images = dict(line.split() for line in result.output.splitlines())
-    assert set(images) == {*GROUPS, *all_stages()}
+    shipped = {name for name, spec in all_stages().items() if spec.fn.__module__.startswith("llmfab.stages.")}
+    assert set(images) == {*GROUPS, *shipped}
     assert images["sft"] == "registry.example.com/ml/llmfab-sft:1.2.3"
     table = runner.invoke(app, ["images"]).output
     assert "prepare_data" in table and "…" not in table
