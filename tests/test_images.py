@@ -318,6 +318,9 @@ def test_env_overrides_and_arguments_override_env(monkeypatch):
         (lambda: resolve_tag("-leading-dash"), "image tag"),
         (lambda: resolve_registry("Upper.Case/x"), "image registry"),
         (lambda: resolve_registry("https://ghcr.io/x"), "image registry"),
+        (lambda: resolve_registry("ghcr.io/llmfab\n"), "image registry"),  # would split a `read` loop
+        (lambda: resolve_tag("v1\n"), "image tag"),
+        (lambda: resolve_tag("v\u00e9"), "image tag"),  # Docker tags are ASCII
     ],
 )
 def test_invalid_names_are_refused(call, match):

@@ -227,6 +227,30 @@ def test_collect_preferences_pairs_own_answers_by_the_verifier(testbed, models, 
         assert chosen - rejected == pytest.approx(p["margin"]) and p["margin"] > 0
         assert {p["meta"]["chosen_model"], p["meta"]["rejected_model"]} <= {0, 1}
     assert m["score_chosen"] > m["score_rejected"]
+    if m["pairs"] > 1:  # the RM stage evaluates on the test split: never left empty
+        assert read_dataset(res.outputs["data"], "preference", "test")
+        assert read_dataset(res.outputs["data"], "preference", "train")
+
+
+def test_a_committee_must_share_the_tokenizer_not_just_its_size(models, tmp_path):
+    import random
+
+    from llmfab.errors import DataError
+    from llmfab.generation import answers_from_models
+    from llmfab.tokenizer import train_bpe_tokenizer
+
+    rng = random.Random(0)
+    words = {k: ["".join(rng.choices(letters, k=rng.randint(2, 6))) for _ in range(3000)] for k, letters in
+             (("a", "abcdefghijklm"), ("b", "nopqrstuvwxyz"))}  # fmt: skip
+    texts = {k: [" ".join(w[i : i + 10]) for i in range(0, len(w), 10)] for k, w in words.items()}
+    toks = {k: train_bpe_tokenizer(v, vocab_size=300) for k, v in texts.items()}
+    assert len(toks["a"]) == len(toks["b"]) and toks["a"].get_vocab() != toks["b"].get_vocab()
+    model = load_model(models["base"])
+    for k, tok in toks.items():
+        model.save_pretrained(tmp_path / k)
+        tok.save_pretrained(tmp_path / k)
+    with pytest.raises(DataError, match="different tokenizer"):
+        answers_from_models([str(tmp_path / "a"), str(tmp_path / "b")], toks["a"], ["hi"], n=1, seed=0)
 
 
 def test_preference_level_and_tie_breaking():

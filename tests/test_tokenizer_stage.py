@@ -49,6 +49,8 @@ def test_multilingual_text_is_local_deterministic_and_split():
         test_phrases = {p for d in test for p in d.split("\n")}
         assert len(train_phrases) > 1000 and len(test_phrases) > 200, code
         assert not train_phrases & test_phrases, code
+        # nor case variants of one phrase ("Kyrgyz Som" / "Kyrgyz som") on both sides
+        assert not {p.casefold() for p in train_phrases} & {p.casefold() for p in test_phrases}, code
         assert multilingual.documents(code, "train", seed=0) == train
         assert multilingual.documents(code, "train", seed=1) != train
         assert {p for d in multilingual.documents(code, "train", seed=1) for p in d.split("\n")} == train_phrases

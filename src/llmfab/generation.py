@@ -75,8 +75,10 @@ def answers_from_models(refs: list[str], tokenizer, prompts: list[str], *, n: in
     from llmfab.models import load_model, load_tokenizer
 
     out: list[list[tuple[str, int]]] = [[] for _ in prompts]
+    vocab = tokenizer.get_vocab()
     for index, ref in enumerate(refs):
-        if len(load_tokenizer(ref)) != len(tokenizer):
+        # Same size is not enough: two BPEs trained apart share a length but not their merges.
+        if load_tokenizer(ref).get_vocab() != vocab:
             raise DataError(f"{ref} has a different tokenizer than {refs[0]}")
         groups = generate_chat(load_model(ref), tokenizer, prompts, n=n, seed=seed + index, **kwargs)
         for slot, group in zip(out, groups, strict=True):

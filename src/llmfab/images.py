@@ -27,8 +27,8 @@ PREFIX = "llmfab-"
 
 # Docker's reference grammar: a tag is 1-128 of [\w.-], not starting with . or -; a registry/namespace is
 # lowercase path components, with an optional host:port first.
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
-_REGISTRY = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+_REGISTRY = re.compile(r"[a-z0-9]+([._-][a-z0-9]+)*(:\d+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ STAGE_GROUPS: dict[str, str] = {
 def resolve_registry(value: str | None = None) -> str:
     """The registry/namespace images are pushed to: `value`, else $LLMFAB_IMAGE_REGISTRY, else ghcr.io/llmfab."""
     value = (value or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY).rstrip("/")
-    if not _REGISTRY.match(value):
+    if not _REGISTRY.fullmatch(value):
         raise ConfigError(f"image registry {value!r}: expected e.g. ghcr.io/llmfab or localhost:5000/team")
     return value
 
@@ -85,7 +85,7 @@ def resolve_registry(value: str | None = None) -> str:
 def resolve_tag(value: str | None = None) -> str:
     """The image tag: `value`, else $LLMFAB_IMAGE_TAG, else the package version."""
     value = value or os.environ.get(TAG_ENV) or __version__
-    if not _TAG.match(value):
+    if not _TAG.fullmatch(value):
         raise ConfigError(f"image tag {value!r}: expected 1-128 of letters, digits, '_', '.', '-'")
     return value
 

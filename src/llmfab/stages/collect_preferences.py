@@ -139,5 +139,6 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
     columns = ("prompt", "chosen", "rejected", "margin")
     ctx.log_table({k: [p[k] for p in pairs[:32]] for k in columns}, "samples/pairs.json")
     rng.shuffle(pairs)
-    n_test = round(len(pairs) * config.held_out) if len(pairs) > 1 else 0
+    # At least one pair on each side whenever there are two and a held-out share was asked for.
+    n_test = min(len(pairs) - 1, max(1, round(len(pairs) * config.held_out))) if config.held_out else 0
     return {"data": write_dataset(ctx.output("data"), {"train": pairs[n_test:], "test": pairs[:n_test]}, "preference")}
