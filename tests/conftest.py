@@ -17,6 +17,15 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+def venv_tool(name: str, install: str) -> str:
+    """A command-line tool a dev dependency installs into this venv, else one on PATH; the test
+    fails (not skips) when neither exists, saying what installs it."""
+    exe = shutil.which(name, path=str(BIN)) or shutil.which(name)
+    if exe is None:
+        pytest.fail(f"{name} not found: {install} installs it")
+    return exe
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -51,9 +60,7 @@ def _isolated_env(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3 API (moto_server) on 127.0.0.1, with dummy credentials in the environment."""
-    exe = shutil.which("moto_server", path=str(BIN)) or shutil.which("moto_server")
-    if exe is None:
-        pytest.fail("moto_server not installed (pip install 'moto[server]')")
+    exe = venv_tool("moto_server", "pip install 'moto[server]'")
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

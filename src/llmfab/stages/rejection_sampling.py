@@ -14,23 +14,18 @@ from llmfab.config.recipe import as_refs
 from llmfab.data.io import read_dataset, write_dataset
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import score_gold
-from llmfab.generation import answers_from_models
+from llmfab.generation import SamplingConfig
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages import sft as sft_stage
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.pairs import reward_scores
 
 
-class RejectionSamplingConfig(StageConfig):
-    samples_per_model: int = Field(4, ge=1, description="K answers per prompt from every sampler")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
+class RejectionSamplingConfig(StageConfig, SamplingConfig):
     min_score: float | None = Field(None, description="drop prompts whose best answer scores below this")
     keep_top: float = Field(
         1.0, gt=0, le=1, description="keep only this fraction of prompts, those whose best answer scores highest"
     )
-    keep_truncated: bool = Field(False, description="also consider answers cut off by max_new_tokens")
     held_out: float = Field(0.05, ge=0, lt=1, description="fraction of kept answers held out for SFT eval loss")
     sft: sft_stage.SFTConfig = Field(default_factory=sft_stage.SFTConfig, description="fine-tuning on the kept answers")
 
@@ -57,16 +52,8 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     if not prompts:
         raise DataError(f"{inputs['prompts']}: no training prompts")
     texts = [r["prompt"] for r in prompts]
-    candidates = answers_from_models(  # (answer, sampler index) per prompt
-        samplers,
-        tokenizer,
-        texts,
-        n=config.samples_per_model,
-        seed=config.seed * 104_729,
-        temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
-        finished_only=not config.keep_truncated,
-    )
+    # (answer, sampler index) per prompt
+    candidates = config.sample_answers(samplers, tokenizer, texts, seed=config.seed * 104_729)
     reward_model = load_model(inputs["reward_model"], kind="reward")
     flat = [(i, answer, who) for i, slot in enumerate(candidates) for answer, who in slot]
     if not flat:

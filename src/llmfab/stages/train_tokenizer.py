@@ -4,6 +4,7 @@ multilingual coverage report."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -69,22 +70,13 @@ class TokenizerConfig(StageConfig):
         return self
 
 
-def _read_corpus(uri: str, max_chars: int | None, ctx: StageContext) -> list[str]:
-    texts, chars = [], 0
-    for record in ctx.progress(iter_records(uri, "text", "train"), desc="read corpus"):
-        if max_chars is not None and chars >= max_chars:
-            break
-        texts.append(record["text"])
-        chars += len(record["text"])
-    return texts
-
-
-def _read_capped(texts: list[str], max_chars: int) -> list[str]:
+def _first_chars(texts: Iterable[str], max_chars: int | None, cut: bool = False) -> list[str]:
+    """Texts in order until `max_chars` characters are taken; with `cut` the last one is cut to fit."""
     out, chars = [], 0
     for text in texts:
-        if chars >= max_chars:
+        if max_chars is not None and chars >= max_chars:
             break
-        out.append(text[: max_chars - chars])
+        out.append(text[: max_chars - chars] if cut else text)
         chars += len(out[-1])
     return out
 
@@ -101,7 +93,7 @@ def multilingual_report(tokenizer, corpus: list[str], config: TokenizerConfig, c
     rows = report.language_rows("output", tokenizer, held_out)
     ctx.log_metrics(report.row_metrics(rows))
     if rc.vocab_sizes:
-        capped = _read_capped(corpus, rc.corpus_chars)
+        capped = _first_chars(corpus, rc.corpus_chars, cut=True)
         texts = capped + _multilingual_train(rc, rc.languages, config.seed)
         for size in sorted(rc.vocab_sizes):
             swept = train_bpe_tokenizer(texts, size, config.min_frequency)
@@ -129,7 +121,8 @@ def run(config: TokenizerConfig, inputs: dict[str, str], ctx: StageContext) -> d
     limit = config.max_chars
     if config.source == "adopt" and limit is None:  # read only what the report's sweep and chars_per_token use
         limit = max(100_000, config.report.corpus_chars if config.report else 0)
-    corpus = _read_corpus(inputs["corpus"], limit, ctx)
+    records = ctx.progress(iter_records(inputs["corpus"], "text", "train"), desc="read corpus")
+    corpus = _first_chars((r["text"] for r in records), limit)
     if config.source == "train":
         texts = corpus
         if config.multilingual:
