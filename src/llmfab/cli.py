@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -88,6 +89,42 @@ def run(
     Console().print(table)
 
 
+def _config_data(config: Path | None, set_: list[str] | None) -> dict:
+    """A stage config from its YAML file (if any) with the --set overrides applied."""
+    from llmfab.config.base import apply_overrides
+
+    data = {}
+    if config is not None:
+        if not config.is_file():
+            raise LlmfabError(f"{config}: no such config file")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LlmfabError(f"{config}: invalid YAML: {exc}") from None
+    return apply_overrides(data, set_ or [])
+
+
+def _inputs(items: list[str] | None) -> dict[str, str | list[str]]:
+    inputs: dict[str, str | list[str]] = {}
+    for item in items or []:
+        key, sep, uri = item.partition("=")
+        if not sep or not key or not uri:
+            raise LlmfabError(f"--input {item!r}: expected NAME=URI")
+        # Repeating a name gives a list (e.g. --input models=A --input models=B for `average`).
+        inputs[key] = [*([inputs[key]] if isinstance(inputs[key], str) else inputs[key]), uri] if key in inputs else uri
+    return inputs
+
+
+def _pairs(items: list[str] | None, option: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LlmfabError(f"{option} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 @app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="Stage name (see `llmfab stages`)")],
@@ -98,40 +135,142 @@ def stage(
     tracking_uri: TrackingOpt = None,
     experiment: ExperimentOpt = None,
     set_: SetOpt = None,
+    write_result: Annotated[
+        bool,
+        typer.Option(
+            "--write-result", help="Also write the printed JSON to OUTPUT/stage-result.json (for `llmfab launch`)"
+        ),
+    ] = False,
 ) -> None:
-    """Run one stage with a config file; prints its outputs as JSON."""
-    from llmfab.config.base import apply_overrides
+    """Run one stage with a config file; prints its outputs as JSON.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs it: rank 0 tracks in MLflow, prints and writes the result."""
     from llmfab.stages.runner import default_output_store, run_stage
     from llmfab.storage import open_store
     from llmfab.tracking import Tracker
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        data = {}
-        if config is not None:
-            if not config.is_file():
-                raise LlmfabError(f"{config}: no such config file")
-            try:
-                data = yaml.safe_load(config.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise LlmfabError(f"{config}: invalid YAML: {exc}") from None
-        data = apply_overrides(data, set_ or [])
-        inputs = {}
-        for item in input_ or []:
-            key, sep, uri = item.partition("=")
-            if not sep or not key or not uri:
-                raise LlmfabError(f"--input {item!r}: expected NAME=URI")
-            # Repeating a name gives a list (e.g. --input models=A --input models=B for `average`).
-            inputs[key] = (
-                [*([inputs[key]] if isinstance(inputs[key], str) else inputs[key]), uri] if key in inputs else uri
-            )
+        data = _config_data(config, set_)
+        inputs = _inputs(input_)
         from llmfab.stages import get_stage
 
         spec = get_stage(name)
         cfg = spec.make_config(data, str(config) if config else "config")
+        if world > 1 and not output:
+            raise LlmfabError(f"WORLD_SIZE={world}: give --output, so that every rank writes to the same place")
+        if write_result and not output:
+            raise LlmfabError("--write-result needs --output")
         out_store = open_store(output) if output else default_output_store(name, open_store(store))
-        result = run_stage(name, cfg, inputs, store=out_store, tracker=Tracker(tracking_uri, experiment))
+        # Under torchrun only rank 0 tracks (the others never open the MLflow store).
+        tracker = Tracker(tracking_uri, experiment) if rank == 0 else None
+        result = run_stage(name, cfg, inputs, store=out_store, tracker=tracker, track=rank == 0)
+        payload = json.dumps({"outputs": result.outputs, "metrics": result.metrics, "run_id": result.run_id}, indent=2)
+        if write_result and rank == 0:
+            from llmfab.kube.trainjob import RESULT_FILE
+
+            out_store.put_text(RESULT_FILE, payload)
     except LlmfabError as exc:
         _fail(exc)
+    if rank == 0:
+        typer.echo(payload)
+
+
+@app.command()
+def launch(
+    name: Annotated[str, typer.Argument(help="Training stage name (see `llmfab stages`)")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML")] = None,
+    input_: Annotated[list[str] | None, typer.Option("--input", "-i", help="Input as NAME=s3://URI")] = None,
+    output: Annotated[
+        str | None, typer.Option(help="Where outputs go, s3:// [default: STORE/stages/TRAINJOB-NAME]")
+    ] = None,
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+    nodes: Annotated[int, typer.Option(help="Training nodes (pods)")] = 1,
+    procs_per_node: Annotated[
+        int | None, typer.Option(help="Ranks per node [default: the runtime's auto: one per GPU]")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs per node (needs --cpu and --memory)")] = None,
+    cpu: Annotated[str | None, typer.Option(help="CPU per node, e.g. 16 [default: the runtime's]")] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory per node, e.g. 64Gi [default: the runtime's]")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace [default: this pod's, else kubeflow]")] = None,
+    job_name: Annotated[str | None, typer.Option("--name", help="TrainJob name [default: STAGE-TIME-RAND]")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="ClusterTrainingRuntime [default: llmfab-train, llmfab-deepspeed with DeepSpeed]")
+    ] = None,
+    image: Annotated[str | None, typer.Option(help="Container image [default: the stage's image]")] = None,
+    registry: Annotated[str | None, typer.Option(help="Image registry [default: $LLMFAB_IMAGE_REGISTRY]")] = None,
+    tag: Annotated[str | None, typer.Option(help="Image tag [default: $LLMFAB_IMAGE_TAG or the version]")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow URI for the pods [default: ConfigMap llmfab-env's]")
+    ] = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", help="MLflow experiment [default: ConfigMap llmfab-env's]")
+    ] = None,
+    parent_run_id: Annotated[
+        str | None, typer.Option(help="MLflow parent run [default: $LLMFAB_PARENT_RUN_ID]")
+    ] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", help="More environment, NAME=VALUE (no secrets)")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="More TrainJob labels, KEY=VALUE")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds [default: 72 h]")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between status reads")] = 15.0,
+    cleanup: Annotated[
+        str, typer.Option(help="Delete the TrainJob when done: on_success, always or never")
+    ] = "on_success",
+    attach: Annotated[bool, typer.Option(help="Follow an existing TrainJob of this name instead of failing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the TrainJob YAML; submit nothing")] = False,
+) -> None:
+    """Run a training stage on Kubernetes as a Kubeflow Trainer TrainJob and wait for it to finish.
+
+    Prints each status change, then the stage's outputs as JSON (as `llmfab stage` does)."""
+    from llmfab.config.base import validate
+    from llmfab.kube.trainjob import LaunchConfig, default_output, launch_stage, render_trainjob, trainjob_name
+
+    try:
+        data = _config_data(config, set_)
+        inputs = _inputs(input_)
+        fields = dict(
+            namespace=namespace,
+            name=job_name,
+            num_nodes=nodes,
+            procs_per_node=procs_per_node,
+            gpus_per_node=gpus,
+            cpu=cpu,
+            memory=memory,
+            runtime=runtime,
+            image=image,
+            registry=registry,
+            tag=tag,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+            env=_pairs(env, "--env"),
+            labels=_pairs(label, "--label"),
+            poll_s=poll,
+            cleanup=cleanup,
+            attach=attach,
+            **({"timeout_s": timeout} if timeout is not None else {}),
+        )
+        settings = validate(LaunchConfig, fields, "llmfab launch")
+        settings = settings.model_copy(update={"name": settings.name or trainjob_name(name)})
+        if dry_run:
+            obj = render_trainjob(name, data, inputs, output or default_output(settings.name, store), settings)
+            typer.echo(yaml.safe_dump(obj, sort_keys=False), nl=False)
+            return
+        result = launch_stage(
+            name,
+            data,
+            inputs,
+            output=output,
+            store=store,
+            launch=settings,
+            on_status=lambda change: console.print(
+                f"TrainJob {settings.name}: {change.text}", markup=False, highlight=False, soft_wrap=True
+            ),
+        )
+    except LlmfabError as exc:
+        _fail(exc)
+    console.print(f"TrainJob {result.namespace}/{result.name} complete in {result.seconds:.0f} s", markup=False)
     typer.echo(json.dumps({"outputs": result.outputs, "metrics": result.metrics, "run_id": result.run_id}, indent=2))
 
 

@@ -11,6 +11,7 @@ from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
 from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps
 from llmfab.train.trainer import Trainer
@@ -57,6 +58,6 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
         checkpoint_meta={"stage": "dpo"},
         wrap_optimizer=online_merging_wrapper(config, model, inputs.get("base"), config.seed),
     )
-    trainer.fit(lambda step, micro: pair_batch(rows, step, micro, tc.batch_size, tc.grad_accum))
+    trainer.fit(lambda step, micro: pair_batch(rows, step, micro, tc.batch_size, micro_batches_per_step(tc.grad_accum)))
     log_gold_eval(model, tokenizer, records, config.eval, ctx)
     return {"model": save_model(model, tokenizer, ctx.output("model"), {"stage": "dpo", **ctx.metrics})}

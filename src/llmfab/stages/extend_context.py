@@ -20,7 +20,7 @@ from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
-from llmfab.train.distributed import rank_and_world
+from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.lm import corpus_splits, eval_lm_loss, lm_loss, load_corpus, perplexity, step_batch
 from llmfab.train.trainer import Trainer
 
@@ -160,13 +160,13 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
                 long_docs,
                 train_filler,
                 length,
-                tc.max_steps * tc.grad_accum * rank_and_world()[1] * tc.batch_size,
+                tc.max_steps * micro_batches_per_step(tc.grad_accum) * tc.batch_size,
                 config.needle_fraction,
                 seed=config.seed + 1000 * round_ + length,
             )
 
             def batch_for_step(step, micro, rows=rows):
-                return step_batch(rows, step, micro, tc.batch_size, tc.grad_accum * rank_and_world()[1])
+                return step_batch(rows, step, micro, tc.batch_size, micro_batches_per_step(tc.grad_accum))
 
             Trainer(
                 model,

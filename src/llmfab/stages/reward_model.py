@@ -17,6 +17,7 @@ from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.merge import average_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.pairs import AFM_LEVEL_LABELS, encode_pairs, pair_batch, trim
 from llmfab.train.trainer import Trainer
 
@@ -119,7 +120,7 @@ def run(config: RewardModelConfig, inputs: dict[str, str], ctx: StageContext) ->
         member_rows = {k: v[order] for k, v in rows.items()}
 
         def batches(step, micro, member_rows=member_rows):
-            return pair_batch(member_rows, step, micro, tc.batch_size, tc.grad_accum)
+            return pair_batch(member_rows, step, micro, tc.batch_size, micro_batches_per_step(tc.grad_accum))
 
         trainer = Trainer(
             model, tc, member, reward_loss(config), tokenizer=tokenizer, checkpoint_meta={"stage": "reward_model"}

@@ -119,10 +119,10 @@ class PackedCorpus:
         eval_rows: int,
         seed: int,
     ):
-        from llmfab.train.distributed import rank_and_world
+        from llmfab.train.distributed import micro_batches_per_step
 
         # Every rank builds the same rows; each takes its own micro-batches of every step.
-        self.batch_size, self.per_step = batch_size, grad_accum * rank_and_world()[1]
+        self.batch_size, self.per_step = batch_size, micro_batches_per_step(grad_accum)
         rows_needed = max_steps * self.per_step * batch_size
         train_docs, test_docs = corpus_splits(corpus_uri, tokenizer, sources)
         docs = mixture_sample(train_docs, mixture, rows_needed * seq_len, seed)

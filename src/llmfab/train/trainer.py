@@ -4,11 +4,20 @@ Deterministic given the seed and `batch_for_step`, and resumable exactly: every
 `checkpoint_every` steps it writes an atomic checkpoint (model, tokenizer, optimizer state, RNG
 states, step); on start it continues from the newest complete one, so an interrupted run and an
 uninterrupted one produce the same loss curve.
+
+Under torchrun (WORLD_SIZE > 1, env:// rendezvous; NCCL on GPUs, gloo on CPUs) the plain loop runs
+data-parallel: every rank holds the whole model, takes its own micro-batches of each step
+(`batch_for_step(step, micro * world + rank)`), and DistributedDataParallel averages the gradients
+at the last micro-batch of the step, so N ranks with `grad_accum` G follow the same curve as one
+process with G * N. Logged losses and metrics are means over all ranks; rank 0 alone writes
+checkpoints and talks to MLflow while the others wait at a barrier. `self.model` stays the bare
+module (evaluation, saving, attribute access); the loss function gets the DDP wrapper to call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -31,7 +40,16 @@ from llmfab.storage.checkpoint import (
     write_checkpoint,
 )
 from llmfab.train.config import TrainConfig
-from llmfab.train.distributed import deepspeed_config, deepspeed_engine, is_main_process, rank_and_world
+from llmfab.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    deepspeed_config,
+    deepspeed_engine,
+    init_process_group,
+    is_main_process,
+    rank_and_world,
+    training_device,
+)
 from llmfab.train.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
@@ -56,6 +74,14 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load safetensors weights saved by save_pretrained (sharded or not) into `model`."""
     from safetensors.torch import load_file
 
+    if (folder / "adapter_config.json").is_file():
+        # A peft model saves only its adapter (its frozen base comes from the stage's input).
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise TrainingError(f"{folder}: adapter does not fit the model (unexpected {result.unexpected_keys})")
+        return
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         state.update(load_file(path))
@@ -75,6 +101,16 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+class _DataParallel(torch.nn.parallel.DistributedDataParallel):
+    """DDP that also answers the wrapped model's attributes (e.g. `model.config` in a loss function)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
 class Trainer:
     def __init__(
         self,
@@ -89,6 +125,7 @@ class Trainer:
         eval_every: int = 0,
         checkpoint_meta: dict | None = None,
         wrap_optimizer: Callable[[torch.optim.Optimizer], object] | None = None,
+        extra_state: torch.nn.Module | None = None,
     ):
         self.model = model
         self.config = config
@@ -98,6 +135,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.eval_every = eval_every
         self.meta = checkpoint_meta or {}
+        self.extra_state = extra_state  # e.g. WARP's EMA anchor: checkpointed and restored with the step
         self.ckpt_store = ctx.store.sub("checkpoints")
         opt = config.optim
         params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -116,15 +154,19 @@ class Trainer:
         self.step = 0
         self.history: list[float] = []
         self.rank, self.world_size = rank_and_world()
-        if self.world_size > 1:
-            # Needs gradient all-reduce (DDP) and per-rank optimizer-shard uploads; lands with the launcher.
+        if self.world_size > 1 and config.deepspeed is not None:
+            # Each rank's ZeRO optimizer shard would have to reach the checkpoint too; only rank 0 uploads.
             raise TrainingError(
-                f"WORLD_SIZE={self.world_size}: multi-process training is not supported yet; "
-                "run one process per stage (DeepSpeed ZeRO 0-2 works in one process)"
+                f"WORLD_SIZE={self.world_size} with train.deepspeed: multi-process DeepSpeed is not supported "
+                "(only rank 0 uploads checkpoints, so the other ranks' ZeRO optimizer shards would be lost); "
+                "run DeepSpeed in one process, or drop train.deepspeed to train data-parallel with DDP"
             )
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.engine = None
+        if self.world_size > 1:
+            init_process_group()
         if config.deepspeed is None and torch.cuda.is_available():
-            model.to("cuda")
+            model.to(training_device())
         if config.deepspeed is not None:
             ds = deepspeed_config(
                 config.deepspeed,
@@ -137,9 +179,17 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str | None:
-        """Write a resumable checkpoint (every rank joins DeepSpeed's save; rank 0 uploads)."""
+        """Write a resumable checkpoint: rank 0 uploads it while the other ranks wait (every rank joins
+        DeepSpeed's save). Returns its URI on rank 0, None elsewhere."""
+        uri = self._write_checkpoint() if self.rank == 0 or self.engine is not None else None
+        barrier()
+        return uri
+
+    def _write_checkpoint(self) -> str | None:
         with tempfile.TemporaryDirectory(prefix="llmfab-train-") as tmp:
             state = {"step": self.step, "rng": _rng_state(), "history": self.history}
+            if self.extra_state is not None:
+                state["extra"] = self.extra_state.state_dict()
             if self.engine is not None:
                 self.engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state")
             else:
@@ -168,10 +218,17 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
+        if self.extra_state is not None:
+            self.extra_state.load_state_dict(state["extra"])
         self.step, self.history = state["step"], list(state["history"])
         log.info("resumed from %s (step %d)", store.uri, step)
-        self.ctx.log_metrics({"resumed_from_step": step})
+        self._log({"resumed_from_step": step})
         return True
+
+    def _log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Metrics to the stage (so every rank's ctx.metrics agree) and, from rank 0 only, to MLflow."""
+        ctx = self.ctx if self.rank == 0 else dataclasses.replace(self.ctx, run=None)
+        ctx.log_metrics(metrics, step)
 
     @property
     def device(self) -> torch.device:
@@ -184,40 +241,70 @@ class Trainer:
             return torch.autocast(device_type=device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _wrap_data_parallel(self) -> None:
+        """DDP around the model (after resume, so every rank starts from the same weights it broadcasts)."""
+        if self.world_size == 1 or self.engine is not None or self.ddp is not None:
+            return
+        device = self.device
+        self.ddp = _DataParallel(
+            self.model,
+            device_ids=[device] if device.type == "cuda" else None,
+            forward_sync_buffers=False,  # buffers (e.g. RoPE frequencies) are constants, identical on every rank
+        )
+
+    def _global_means(self, total: float, extra: dict[str, float], tokens: int) -> tuple[float, dict, int]:
+        """The step's loss and metrics averaged over ranks, and the tokens all ranks consumed."""
+        if self.world_size == 1:
+            return total, extra, tokens
+        keys = sorted(extra)
+        summed = all_reduce_sum([total, float(tokens), *(extra[k] for k in keys)], self.device)
+        n = self.world_size
+        return summed[0] / n, {k: v / n for k, v in zip(keys, summed[2:], strict=True)}, int(summed[1])
+
     def fit(self, batch_for_step: Callable[[int, int], Batch]) -> torch.nn.Module:
         """Train until `max_steps`; `batch_for_step(step, micro)` gives each micro-batch."""
         cfg, opt = self.config, self.config.optim
         self.resume()
+        self._wrap_data_parallel()
+        # What the loss function calls: DeepSpeed's engine, the DDP wrapper, or the model itself.
+        forward = next(m for m in (self.engine, self.ddp, self.model) if m is not None)
         fail_at = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.model.train()
-        bar = self.ctx.progress(total=cfg.max_steps, initial=self.step, desc=f"{self.ctx.step_id} train")
+        ctx = self.ctx if self.rank == 0 else dataclasses.replace(self.ctx, show_progress=False)
+        bar = ctx.progress(total=cfg.max_steps, initial=self.step, desc=f"{self.ctx.step_id} train")
         tokens, started = 0, time.time()
         while self.step < cfg.max_steps:
             mult = lr_multiplier(self.step, cfg.max_steps, opt.warmup_steps, opt.schedule, opt.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = opt.lr * mult
             self.optimizer.zero_grad(set_to_none=True)
-            total, extra = 0.0, {}
+            total, extra, step_tokens = 0.0, {}, 0
             for micro in range(cfg.grad_accum):
                 # Each rank takes its own micro-batches of the same global step.
                 batch = batch_for_step(self.step, micro * self.world_size + self.rank)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self._autocast():
-                    loss, metrics = self.loss_fn(self.model if self.engine is None else self.engine, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"step {self.step + 1}: loss is {loss.item()}; stopping (last good checkpoint kept at "
-                        f"{self.ckpt_store.uri})"
-                    )
-                if self.engine is not None:
-                    self.engine.backward(loss)  # DeepSpeed scales by the accumulation steps itself
-                    self.engine.step()  # applies the update at the accumulation boundary only
-                else:
-                    (loss / cfg.grad_accum).backward()
+                # DDP all-reduces gradients in the backward of the step's last micro-batch only.
+                last = micro == cfg.grad_accum - 1
+                with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                    with self._autocast():
+                        loss, metrics = self.loss_fn(forward, batch)
+                    if self.world_size == 1 and not torch.isfinite(loss):
+                        raise TrainingError(self._non_finite(loss.item()))
+                    if self.engine is not None:
+                        self.engine.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+                        self.engine.step()  # applies the update at the accumulation boundary only
+                    else:
+                        # Under DDP every rank runs the backward (a non-finite loss is caught after the
+                        # step's all-reduce, on all ranks at once, so none is left waiting).
+                        (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
                 for k, v in metrics.items():
                     extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
-                tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
+                step_tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
+            total, extra, step_tokens = self._global_means(total, extra, step_tokens)
+            tokens += step_tokens
+            if not math.isfinite(total):
+                raise TrainingError(self._non_finite(total))
             if self.engine is not None:
                 grad_norm = self.engine.get_global_grad_norm() or 0.0
             else:
@@ -233,7 +320,7 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 elapsed = max(1e-9, time.time() - started)
                 row.update(lr=opt.lr * mult, grad_norm=float(grad_norm), tokens_per_sec=tokens / elapsed)
-            self.ctx.log_metrics(row, step=self.step)
+            self._log(row, step=self.step)
             if self.eval_fn and self.eval_every and self.step % self.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -241,14 +328,19 @@ class Trainer:
             if fail_at and self.step == fail_at:
                 raise InjectedFault(f"{FAULT_ENV}={fail_at}: simulated crash after step {self.step}")
         bar.close()
+        self.ddp = None  # its gradient hooks go with it; a later fit (or Trainer) wraps the model afresh
         self.model.eval()
         return self.model
 
+    def _non_finite(self, loss: float) -> str:
+        return f"step {self.step + 1}: loss is {loss}; stopping (last good checkpoint kept at {self.ckpt_store.uri})"
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """`eval_fn` on the bare model (every rank runs it on the same weights, so all agree)."""
         was_training = self.model.training
         self.model.eval()
         metrics = self.eval_fn(self.model)
-        self.ctx.log_metrics(metrics, step=self.step)
+        self._log(metrics, step=self.step)
         self.model.train(was_training)
         return metrics
