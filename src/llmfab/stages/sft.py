@@ -9,15 +9,15 @@ import torch
 from pydantic import Field, model_validator
 
 from llmfab.data.chat import encode_response
-from llmfab.data.io import read_dataset
 from llmfab.errors import ConfigError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.losses.distill import generalized_jsd
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.lm import eval_lm_loss, lm_loss, step_batch
-from llmfab.train.sft_data import encode_conversations, pack_examples
+from llmfab.train.sft_data import load_sft_rows
 from llmfab.train.trainer import Trainer
 
 
@@ -75,7 +75,7 @@ class OnPolicyBatches:
         from llmfab.generation import generate_chat
 
         bs = self.config.train.batch_size
-        start = ((step * self.config.train.grad_accum + micro) * bs) % len(self.prompts)
+        start = ((step * micro_batches_per_step(self.config.train.grad_accum) + micro) * bs) % len(self.prompts)
         prompts = (self.prompts * 2)[start : start + bs]
         was_training = self.model.training
         answers = generate_chat(
@@ -122,18 +122,12 @@ def run(config: SFTConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     tokenizer = load_tokenizer(inputs["model"])
     model = load_model(inputs["model"])
     tc = config.train
-    train = [r["messages"] for r in read_dataset(inputs["data"], "chat", "train", limit=config.max_examples)]
-    examples, dropped = encode_conversations(tokenizer, train, config.max_len, inputs["data"])
-    rows = pack_examples(examples, config.max_len, tokenizer.pad_token_id, config.seed)
-    test = [r["messages"] for r in read_dataset(inputs["data"], "chat", "test", limit=256)]
-    held_out = pack_examples(
-        encode_conversations(tokenizer, test, config.max_len)[0], config.max_len, tokenizer.pad_token_id
-    )
+    data = load_sft_rows(tokenizer, inputs["data"], config.max_len, max_examples=config.max_examples, seed=config.seed)
     records = eval_records(config.eval, inputs, ("data", "chat"))
-    ctx.log_params({"train_examples": len(examples), "dropped_too_long": dropped, "train_rows": len(rows["input_ids"])})
+    ctx.log_params(data.params())
 
     def evaluate(m):
-        return {"eval_loss": eval_lm_loss(m, held_out, tc.batch_size)}
+        return {"eval_loss": eval_lm_loss(m, data.held_out, tc.batch_size)}
 
     ctx.log_metrics({f"{k}_before": v for k, v in evaluate(model).items()})
     log_gold_eval(model, tokenizer, records, config.eval, ctx, "_before")
@@ -143,13 +137,14 @@ def run(config: SFTConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError("sft: teacher and student vocabularies differ; distillation needs a shared tokenizer")
     if config.distill == "on_policy":
-        batches = OnPolicyBatches(model, tokenizer, [m[0]["content"] for m in train if m[0]["role"] == "user"], config)
+        prompts = [m[0]["content"] for m in data.conversations if m[0]["role"] == "user"]
+        batches = OnPolicyBatches(model, tokenizer, prompts, config)
         loss_fn = sft_loss(teacher, 1.0)
     else:
-        per_step = tc.grad_accum
+        per_step = micro_batches_per_step(tc.grad_accum)
 
         def batches(step, micro):
-            return step_batch(rows, step, micro, tc.batch_size, per_step)
+            return step_batch(data.train, step, micro, tc.batch_size, per_step)
 
         loss_fn = sft_loss(teacher, config.teacher_weight if teacher is not None else 0.0)
     trainer = Trainer(model, tc, ctx, loss_fn, tokenizer=tokenizer, eval_fn=evaluate, checkpoint_meta={"stage": "sft"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -59,3 +60,43 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad
         out["position_ids"].append(pos + list(range(pos[-1] + 1, pos[-1] + 1 + pad)))
         out["labels"].append(labels + [IGNORE] * pad)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+@dataclass
+class SFTRows:
+    """A chat dataset ready for SFT: its train conversations, their packed rows, and held-out rows of
+    its test split (what eval_loss is measured on)."""
+
+    conversations: list[list[dict]]
+    train: dict[str, torch.Tensor]
+    held_out: dict[str, torch.Tensor]
+    examples: int
+    dropped: int
+
+    def params(self) -> dict[str, int]:
+        return {
+            "train_examples": self.examples,
+            "dropped_too_long": self.dropped,
+            "train_rows": len(self.train["input_ids"]),
+        }
+
+
+def load_sft_rows(
+    tokenizer, uri: str, max_len: int, *, max_examples: int | None = None, seed: int = 0, held_out: int = 256
+) -> SFTRows:
+    """The first `max_examples` train conversations of chat dataset `uri`, packed in a seeded order,
+    and the first `held_out` test conversations packed for evaluation."""
+    from llmfab.data.io import read_dataset
+
+    train = [r["messages"] for r in read_dataset(uri, "chat", "train", limit=max_examples)]
+    examples, dropped = encode_conversations(tokenizer, train, max_len, uri)
+    rows = pack_examples(examples, max_len, tokenizer.pad_token_id, seed)
+    return SFTRows(train, rows, held_out_rows(tokenizer, uri, max_len, held_out), len(examples), dropped)
+
+
+def held_out_rows(tokenizer, uri: str, max_len: int, limit: int = 256) -> dict[str, torch.Tensor]:
+    """The first `limit` test conversations of chat dataset `uri`, packed (SFT's eval_loss rows)."""
+    from llmfab.data.io import read_dataset
+
+    test = [r["messages"] for r in read_dataset(uri, "chat", "test", limit=limit)]
+    return pack_examples(encode_conversations(tokenizer, test, max_len)[0], max_len, tokenizer.pad_token_id)
