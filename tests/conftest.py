@@ -165,3 +165,62 @@ def pretrain_tiny(testbed, folder, steps: int, seq_len: int = 128, **model) -> d
         track=False,
         show_progress=False,
     )
+
+
+# -- the alignment testbed of the slow efficacy tests ---------------------------------------------
+ALIGN_EVAL = {"prompts": 300, "max_new_tokens": 24}  # 201 held-out task prompts, greedy
+ALIGN_LLAMA = dict(arch="llama", vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                   intermediate_size=352, max_position_embeddings=256)  # fmt: skip
+
+
+def train_cfg(lr: float, steps: int, batch: int = 8, warmup: int = 5) -> dict:
+    return {"max_steps": steps, "batch_size": batch, "optim": {"lr": lr, "warmup_steps": warmup}}
+
+
+@pytest.fixture(scope="session")
+def alignment_chain(tmp_path_factory):
+    """data -> tokenizer -> base -> SFT -> reward model on tasks a 128-wide model can learn to generalise
+    to unseen prompts (single-digit arithmetic, "repeat the word n times"): only 400 written
+    conversations, plenty of prompts and pairs. Built once for the post-training and RL efficacy tests;
+    `run(step, stage, cfg, inputs)` runs a further stage in the same store."""
+    from llmfab.stages.runner import run_stage
+    from llmfab.storage import open_store
+
+    root = open_store(tmp_path_factory.mktemp("alignment"))
+
+    def run(step, stage, cfg, inputs=None):
+        return run_stage(stage, cfg, inputs or {}, store=root.sub(step), track=False, show_progress=False)
+
+    data = run("data", "prepare_data", dict(
+        prose_docs=1000, code_docs=300, task_docs=3000, sft_examples=2000, prompts=2000, preference_pairs=3000,
+        tasks=["arithmetic", "format"], format_kinds=["repeat"], max_operand=9,
+    )).outputs  # fmt: skip
+    tok = run("tok", "train_tokenizer", {"vocab_size": 1024}, {"corpus": data["text"]}).outputs["tokenizer"]
+    base = run(
+        "base",
+        "pretrain",
+        {"model": ALIGN_LLAMA, "seq_len": 256, "mixture": {"tasks": 2.0}, "train": train_cfg(2e-3, 300)},
+        {"corpus": data["text"], "tokenizer": tok},
+    ).outputs["model"]
+    sft = run("sft", "sft", {"max_examples": 400, "train": train_cfg(1e-3, 150, warmup=10), "eval": ALIGN_EVAL},
+              {"model": base, "data": data["sft"], "eval_prompts": data["prompts"]})  # fmt: skip
+    rm = run("rm", "reward_model", {"train": train_cfg(1e-3, 300, batch=16, warmup=10)},
+             {"init": sft.outputs["model"], "data": data["preferences"]})  # fmt: skip
+    return {"run": run, "data": data, "tokenizer": tok, "base": base, "sft": sft, "rm": rm}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """For parity tests against TRL: a locally trained 384-token BPE, `make(seed)` building a 2-layer
+    32-wide llama, and a scratch folder."""
+    from llmfab.config.model import ModelConfig
+    from llmfab.data.corpus import prose_documents
+    from llmfab.models.architectures import build_model
+    from llmfab.tokenizer import special_token_ids, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(prose_documents(200, 0, 2000), vocab_size=384)
+    cfg = ModelConfig(
+        arch="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    return tok, lambda seed: build_model(cfg, seed=seed, **special_token_ids(tok)), tmp_path_factory.mktemp("trl")

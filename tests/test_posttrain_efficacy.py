@@ -12,44 +12,16 @@ prompts either way; the post-training issue's closing note has the measurements.
 
 import pytest
 
-from llmfab.stages.runner import run_stage
-from llmfab.storage import open_store
-
-EVAL = {"prompts": 300, "max_new_tokens": 24}
-LLAMA = dict(arch="llama", vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-             intermediate_size=352, max_position_embeddings=256)  # fmt: skip
-
-
-def _train(lr, steps, batch=8, warmup=5):
-    return {"max_steps": steps, "batch_size": batch, "optim": {"lr": lr, "warmup_steps": warmup}}
+from conftest import ALIGN_EVAL as EVAL
+from conftest import train_cfg as _train
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_post_training_chain_on_the_tiny_testbed(tmp_path):
-    root = open_store(tmp_path)
-
-    def run(step, stage, cfg, inputs=None):
-        return run_stage(stage, cfg, inputs or {}, store=root.sub(step), track=False, show_progress=False)
-
-    # Tasks a 128-wide model can learn to generalise to unseen prompts: single-digit arithmetic and
-    # "repeat the word n times"; only 400 written conversations, plenty of prompts and pairs.
-    data = run("data", "prepare_data", dict(
-        prose_docs=1000, code_docs=300, task_docs=3000, sft_examples=2000, prompts=2000, preference_pairs=3000,
-        tasks=["arithmetic", "format"], format_kinds=["repeat"], max_operand=9,
-    )).outputs  # fmt: skip
-    tok = run("tok", "train_tokenizer", {"vocab_size": 1024}, {"corpus": data["text"]}).outputs["tokenizer"]
-    base = run(
-        "base",
-        "pretrain",
-        {"model": LLAMA, "seq_len": 256, "mixture": {"tasks": 2.0}, "train": _train(2e-3, 300)},
-        {"corpus": data["text"], "tokenizer": tok},
-    ).outputs["model"]
+def test_post_training_chain_on_the_tiny_testbed(alignment_chain):
+    run, data = alignment_chain["run"], alignment_chain["data"]
+    sft, rm = alignment_chain["sft"], alignment_chain["rm"]
     common = {"eval_prompts": data["prompts"]}
-    sft = run("sft", "sft", {"max_examples": 400, "train": _train(1e-3, 150, warmup=10), "eval": EVAL},
-              {"model": base, "data": data["sft"], **common})  # fmt: skip
-    rm = run("rm", "reward_model", {"train": _train(1e-3, 300, batch=16, warmup=10)},
-             {"init": sft.outputs["model"], "data": data["preferences"]})  # fmt: skip
     policy = sft.outputs["model"]
     dpo = run("dpo", "dpo", {"beta": 0.1, "nll_weight": 0.2, "train": _train(3e-5, 100), "eval": EVAL},
               {"model": policy, "data": data["preferences"], **common})  # fmt: skip

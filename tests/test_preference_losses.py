@@ -10,21 +10,6 @@ from llmfab.losses.preference import bradley_terry_loss, dpo_loss, masked_nll, s
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from llmfab.config.model import ModelConfig
-    from llmfab.data.corpus import prose_documents
-    from llmfab.models.architectures import build_model
-    from llmfab.tokenizer import special_token_ids, train_bpe_tokenizer
-
-    tok = train_bpe_tokenizer(prose_documents(200, 0, 2000), vocab_size=384)
-    cfg = ModelConfig(
-        arch="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    return tok, lambda seed: build_model(cfg, seed=seed, **special_token_ids(tok)), tmp_path_factory.mktemp("trl")
-
-
 def _pairs(n=8):
     from datasets import Dataset
 
@@ -33,12 +18,12 @@ def _pairs(n=8):
 
 
 @pytest.mark.parametrize("nll_weight", [0.0, 0.2])
-def test_dpo_matches_trl(tiny, nll_weight):
+def test_dpo_matches_trl(tiny_lm, nll_weight):
     """TRL's DPOTrainer.compute_loss vs ours on TRL's own collated batch: sigmoid DPO, and DPO +
     0.2 NLL on chosen (Llama 3.1; TRL's loss_type=['sigmoid', 'sft'])."""
     from trl import DPOConfig, DPOTrainer
 
-    tok, make, out = tiny
+    tok, make, out = tiny_lm
     policy, reference = make(0), make(1)
     loss_type, weights = (["sigmoid"], [1.0]) if not nll_weight else (["sigmoid", "sft"], [1.0, nll_weight])
     args = DPOConfig(
@@ -62,12 +47,12 @@ def test_dpo_matches_trl(tiny, nll_weight):
     torch.testing.assert_close(ours, trl_loss, **TOL)
 
 
-def test_bradley_terry_with_margin_matches_trl(tiny):
+def test_bradley_terry_with_margin_matches_trl(tiny_lm):
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    tok, make, out = tiny
+    tok, make, out = tiny_lm
     make(0).save_pretrained(out / "base")
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(out / "base", num_labels=1)

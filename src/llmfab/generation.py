@@ -53,20 +53,27 @@ def generate(
     return (outputs, finished) if with_finished else outputs
 
 
-def generate_chat(model, tokenizer, prompts: list[str], *, n: int = 1, finished_only: bool = False, **kwargs):
-    """`n` assistant replies to each user prompt, rendered with the chat template; a reply ends at
-    the turn terminator. All n x len(prompts) samples share batches (one seeded stream). With
-    `finished_only`, replies cut off by max_new_tokens are dropped: a truncated answer is not an
-    answer, and training on it (with an end token appended) would teach stopping mid-way."""
+def sample_chat(model, tokenizer, prompts: list[str], *, n: int = 1, **kwargs) -> tuple[list[str], list[bool]]:
+    """`n` assistant replies to each user prompt, rendered with the chat template, as one flat list
+    (prompt i's replies at i*n ... i*n+n-1) with whether each ended at the turn terminator. All
+    n x len(prompts) samples share batches (one seeded stream)."""
     from llmfab.data.chat import prompt_text, stop_token_ids
 
     rendered = [prompt_text(tokenizer, p) for p in prompts for _ in range(n)]
     kwargs.setdefault("stop_token_ids", stop_token_ids(tokenizer))
     texts, finished = generate(model, tokenizer, rendered, with_finished=True, **kwargs)
+    return [t.strip() for t in texts], finished
+
+
+def generate_chat(model, tokenizer, prompts: list[str], *, n: int = 1, finished_only: bool = False, **kwargs):
+    """sample_chat grouped per prompt. With `finished_only`, replies cut off by max_new_tokens are
+    dropped: a truncated answer is not an answer, and training on it (with an end token appended)
+    would teach stopping mid-way."""
+    texts, finished = sample_chat(model, tokenizer, prompts, n=n, **kwargs)
     groups = [[] for _ in prompts]
     for j, (text, done) in enumerate(zip(texts, finished, strict=True)):
         if done or not finished_only:
-            groups[j // n].append(text.strip())
+            groups[j // n].append(text)
     return groups
 
 

@@ -58,6 +58,9 @@ STAGE_GROUPS: dict[str, str] = {
     "synthesize_long_qa": "cpu",
     # Weight averaging is elementwise arithmetic over state dicts: memory-bound, no GPU needed.
     "average": "cpu",
+    "merge": "cpu",
+    # Compression: k-means over every weight matrix (GPU-fast at 3B) and gold-reward generation, no training.
+    "compress": "train",
     # Sampling from models (and scoring with a reward model), no optimizer step.
     "synthesize_text": "train",
     "collect_preferences": "train",
@@ -71,6 +74,9 @@ STAGE_GROUPS: dict[str, str] = {
     "dpo": "deepspeed",
     "online_dpo": "deepspeed",
     "rejection_sampling": "deepspeed",
+    "mdloo": "deepspeed",
+    "rlhf_warp": "deepspeed",
+    "recover": "deepspeed",
 }
 
 

@@ -17,6 +17,7 @@ from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
 from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps, reward_scores
+from llmfab.train.rollouts import EpisodeBatches
 from llmfab.train.trainer import Trainer
 
 
@@ -42,21 +43,13 @@ class OnlineDPOConfig(StageConfig, DPOLossConfig):
 
 
 class Episodes:
-    """batch_for_step for the Trainer: builds an episode's pairs when its first step comes
-    (after a resume, from the restored policy), then serves them."""
+    """Builds an episode's pairs from the current policy (EpisodeBatches calls it when the episode's
+    first step comes, after a resume from the restored policy)."""
 
     def __init__(self, policy, reference, reward_model, tokenizer, prompts, config: OnlineDPOConfig, ctx):
         self.policy, self.reference, self.rm, self.tok = policy, reference, reward_model, tokenizer
         self.prompts, self.config, self.ctx = prompts, config, ctx
         self.steps = config.train.max_steps // config.episodes
-        self.current, self.rows = -1, None
-
-    def __call__(self, step: int, micro: int):
-        episode = step // self.steps
-        if episode != self.current:
-            self.rows, self.current = self.build(episode), episode
-        tc = self.config.train
-        return pair_batch(self.rows, step - episode * self.steps, micro, tc.batch_size, tc.grad_accum)
 
     def build(self, episode: int) -> dict[str, torch.Tensor]:
         cfg, n = self.config, self.config.samples_per_prompt
@@ -159,6 +152,8 @@ def run(config: OnlineDPOConfig, inputs: dict[str, str], ctx: StageContext) -> d
         checkpoint_meta={"stage": "online_dpo"},
         wrap_optimizer=online_merging_wrapper(config, policy, inputs.get("base"), config.seed),
     )
-    trainer.fit(Episodes(policy, reference, reward_model, tokenizer, prompts, config, ctx))
+    episodes = Episodes(policy, reference, reward_model, tokenizer, prompts, config, ctx)
+    tc = config.train
+    trainer.fit(EpisodeBatches(episodes.build, episodes.steps, tc.batch_size, tc.grad_accum, pair_batch))
     log_gold_eval(policy, tokenizer, records, config.eval, ctx)
     return {"model": save_model(policy, tokenizer, ctx.output("model"), {"stage": "online_dpo", **ctx.metrics})}

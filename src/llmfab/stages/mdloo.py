@@ -1,0 +1,112 @@
+"""mdloo: AFM's online RL, Mirror Descent with Leave-One-Out estimation (arXiv:2407.21075).
+
+Each iteration k the policy π_k answers a batch of prompts K times; the reward model scores the
+answers and each gets R = r − β·log(π_k/π_ref) (the whole response is one action); the advantage
+is leave-one-out, A_i = R_i − mean_{j≠i} R_j; then a few inner steps from θ_k maximise
+E_{π_k}[(π_θ/π_k)·A] − KL(π_θ‖π_k)/t_k, with no ratio clipping (the KL term keeps π_θ near π_k)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from llmfab.data.io import read_dataset
+from llmfab.errors import DataError
+from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
+from llmfab.losses.preference import sequence_logps
+from llmfab.losses.rl import masked_entropy, mirror_descent_loss
+from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.config import TrainConfig
+from llmfab.train.rollouts import (
+    EpisodeBatches,
+    RolloutConfig,
+    heldout_records,
+    measure_policy,
+    rollout_batch,
+    sample_rollout,
+)
+from llmfab.train.trainer import Trainer
+
+
+class MDLOOConfig(StageConfig, RolloutConfig):
+    inner_steps: int = Field(4, gt=0, description="optimizer steps per rollout; train.max_steps / inner_steps rollouts")
+    mirror_kl: float = Field(1.0, ge=0, description="1/t_k: weight of KL(π_θ‖π_k) in each iteration's objective")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
+
+    @model_validator(mode="after")
+    def _whole_iterations(self):
+        tc = self.train
+        if tc.max_steps % self.inner_steps:
+            raise ValueError(f"train.max_steps ({tc.max_steps}) must be a multiple of inner_steps ({self.inner_steps})")
+        if tc.checkpoint_every % self.inner_steps:
+            # A resume rebuilds the rollout from the restored policy: exact only at an iteration boundary.
+            raise ValueError(
+                f"train.checkpoint_every ({tc.checkpoint_every}) must be a multiple of inner_steps ({self.inner_steps})"
+            )
+        return self
+
+
+def mdloo_loss_fn(config: MDLOOConfig):
+    def loss_fn(model, batch):
+        ids, mask = batch["input_ids"], batch["mask"]
+        logits = model(input_ids=ids, use_cache=False).logits
+        logps = sequence_logps(logits, ids, mask)
+        loss, metrics = mirror_descent_loss(logps, batch["old_logps"], batch["advantages"], config.mirror_kl)
+        metrics["entropy"] = masked_entropy(logits.detach(), mask).item()
+        return loss, metrics
+
+    return loss_fn
+
+
+@stage(
+    "mdloo",
+    MDLOOConfig,
+    inputs={
+        "model": "policy checkpoint (after SFT / DPO / iTeC); also π_ref unless `reference` is given",
+        "reward_model": "reward model that scores the answers",
+        "prompts": "prompt dataset",
+    },
+    optional_inputs={
+        "reference": "reference policy of the KL penalty (default: the `model` input)",
+        "eval_prompts": "prompt dataset whose test split measures the gold reward",
+    },
+    outputs={"model": "policy checkpoint"},
+)
+def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
+    """Mirror-descent policy optimisation with leave-one-out advantages over K samples per prompt."""
+    tokenizer = load_tokenizer(inputs["model"])
+    policy = load_model(inputs["model"])
+    reference = load_model(inputs.get("reference", inputs["model"])).eval().requires_grad_(False)
+    reward_model = load_model(inputs["reward_model"], kind="reward").eval().requires_grad_(False)
+    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
+    if not prompts:
+        raise DataError(f"{inputs['prompts']}: no training prompts")
+    records = eval_records(config.eval, inputs, ("prompts", "prompt"))
+    log_gold_eval(policy, tokenizer, records, config.eval, ctx, "_before")
+    held_out = heldout_records(inputs, config)
+
+    def log_heldout(suffix: str) -> None:  # what the stage optimises, on prompts it never samples
+        if held_out:
+            m = measure_policy(policy, reference, reward_model, tokenizer, held_out, config, seed=config.seed * 7 + 1)
+            ctx.log_metrics({f"heldout_{k}{suffix}": v for k, v in m.items() if not (suffix and k == "kl")})
+
+    log_heldout("_before")
+    trainer = Trainer(policy, config.train, ctx, mdloo_loss_fn(config), tokenizer=tokenizer,
+                      checkpoint_meta={"stage": "mdloo"})  # fmt: skip
+
+    def build(iteration: int):
+        n = config.prompts_per_rollout
+        batch = [prompts[(iteration * n + i) % len(prompts)] for i in range(n)]
+        rows, stats = sample_rollout(
+            policy, reference, reward_model, tokenizer, batch, config, seed=config.seed * 7919 + iteration
+        )
+        ctx.log_metrics({"iteration": iteration, **{f"rollout_{k}": v for k, v in stats.items()}},
+                        step=iteration * config.inner_steps)  # fmt: skip
+        return rows
+
+    tc = config.train
+    trainer.fit(EpisodeBatches(build, config.inner_steps, tc.batch_size, tc.grad_accum, rollout_batch))
+    log_heldout("")
+    log_gold_eval(policy, tokenizer, records, config.eval, ctx)
+    return {"model": save_model(policy, tokenizer, ctx.output("model"), {"stage": "mdloo", **ctx.metrics})}
