@@ -91,4 +91,4 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay_rate: float) 
     """θ_ema ← (1-μ)·θ_ema + μ·θ: WARP's moving anchor (μ = 0.01)."""
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach().to(e.dtype), decay_rate)
+            e.lerp_(p.detach().to(e), decay_rate)

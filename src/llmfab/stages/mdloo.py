@@ -94,6 +94,7 @@ def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[
     log_heldout("_before")
     trainer = Trainer(policy, config.train, ctx, mdloo_loss_fn(config), tokenizer=tokenizer,
                       checkpoint_meta={"stage": "mdloo"})  # fmt: skip
+    reference.to(trainer.device), reward_model.to(trainer.device)  # next to the policy (a GPU when there is one)
 
     def build(iteration: int):
         n = config.prompts_per_rollout

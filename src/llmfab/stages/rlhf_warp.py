@@ -77,6 +77,7 @@ def _train_run(policy, reward_model, tokenizer, prompts, config: WARPConfig, ctx
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
     trainer = Trainer(policy, config.train, ctx, reinforce_loss_fn, tokenizer=tokenizer,
                       checkpoint_meta={"stage": "rlhf_warp"}, extra_state=ema)  # fmt: skip
+    ema.to(trainer.device), reward_model.to(trainer.device)  # next to the policy (a GPU when there is one)
 
     def build(episode: int):
         if episode:  # the anchor trails the policy by one rollout; restored with the checkpoint on resume
@@ -153,7 +154,7 @@ def run(config: WARPConfig, inputs: dict[str, str], ctx: StageContext) -> dict[s
             policy.load_state_dict(init)
             seed = config.seed * 1000 + i * config.runs + m
             _train_run(policy, reward_model, tokenizer, prompts, config, ctx.child(f"iter{i}_run{m}"), seed)
-            runs.append({k: v.detach().clone() for k, v in policy.state_dict().items()})
+            runs.append({k: v.detach().cpu().clone() for k, v in policy.state_dict().items()})  # merged on CPU
         merged = slerp_state_dicts(init, runs)
         last = i == config.iterations - 1
         if last and config.heldout_prompts:
