@@ -30,7 +30,7 @@ SMALL = [
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "stage", "stages", "compile", "recipes"):
+    for command in ("run", "stage", "stages", "compile", "recipes", "compile-pipelines", "submit"):
         assert command in result.output
 
 
@@ -87,6 +87,8 @@ def test_run_family_tracks_nested_runs(tmp_path, tracking_uri):
             str(store),
             "--run-name",
             "ci-run",
+            "--runner",
+            "inprocess",
             "--only",
             "tokenizer",
             *SMALL,
@@ -145,7 +147,7 @@ def test_stage_command_errors(args, message):
 
 
 def test_unknown_only_step_is_an_error():
-    result = runner.invoke(app, ["run", "qwen2", "--only", "pretrian"])
+    result = runner.invoke(app, ["run", "qwen2", "--runner", "inprocess", "--only", "pretrian"])
     assert result.exit_code == 2
     assert "--only pretrian: no such step" in result.output
 

@@ -58,6 +58,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     )
 
 
+RUNNERS = ("kfp-local", "inprocess")
+
+
 @app.command()
 def run(
     family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2, llama31, or a recipe YAML path")],
@@ -66,26 +69,59 @@ def run(
     tracking_uri: TrackingOpt = None,
     experiment: ExperimentOpt = None,
     run_name: Annotated[str | None, typer.Option(help="Name of the pipeline run [default: FAMILY-PRESET-TIME]")] = None,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these steps (and what they need)")] = None,
+    runner: Annotated[
+        str,
+        typer.Option(
+            help="kfp-local: the family's Kubeflow pipeline under kfp.local (a subprocess per step); "
+            "inprocess: the recipe's steps in this process"
+        ),
+    ] = "kfp-local",
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only these steps (and what they need); --runner inprocess")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run a family's recipe end to end, tracked in MLflow, checkpoints in the object store."""
+    """Run a family's pipeline end to end, tracked in MLflow (a nested run per step), checkpoints in the store."""
     from llmfab.config.recipe import load_recipe
-    from llmfab.recipe_runner import run_recipe
 
     try:
-        recipe = load_recipe(family, preset, set_ or [])
-        result = run_recipe(
-            recipe, store_uri=store, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, only=only
-        )
+        if runner not in RUNNERS:
+            raise LlmfabError(f"--runner {runner!r}: expected one of {', '.join(RUNNERS)}")
+        if only and runner != "inprocess":
+            raise LlmfabError("--only needs --runner inprocess (a Kubeflow pipeline runs all its steps)")
+        if runner == "kfp-local":
+            from llmfab.kubeflow.local import run_local
+
+            result = run_local(
+                family,
+                preset,
+                overrides=set_ or [],
+                store_uri=store,
+                tracking_uri=tracking_uri,
+                experiment=experiment,
+                run_name=run_name,
+            )
+            rows = [(s.step_id, s.seconds, s.outputs) for s in result.steps.values()]
+            title = f"{result.run_name} (MLflow run {result.run_id}, kfp.local, {result.seconds:.0f} s)"
+        else:
+            from llmfab.recipe_runner import run_recipe
+
+            recipe = load_recipe(family, preset, set_ or [])
+            result = run_recipe(
+                recipe, store_uri=store, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, only=only
+            )
+            rows = [(step_id, res.seconds, res.outputs) for step_id, res in result.steps.items()]
+            title = f"{result.run_name} (MLflow run {result.run_id})"
     except LlmfabError as exc:
         _fail(exc)
-    table = Table(title=f"{result.run_name} (MLflow run {result.run_id})")
+    except RuntimeError as exc:  # kfp.local: a task failed (its log is above)
+        _fail(LlmfabError(f"pipeline failed: {exc}"))
+    table = Table(title=title)
     table.add_column("step")
     table.add_column("seconds", justify="right")
     table.add_column("outputs", overflow="fold")
-    for step_id, res in result.steps.items():
-        table.add_row(step_id, f"{res.seconds:.1f}", "\n".join(f"{k}: {v}" for k, v in res.outputs.items()))
+    for step_id, seconds, outputs in rows:
+        table.add_row(step_id, f"{seconds:.1f}", "\n".join(f"{k}: {v}" for k, v in outputs.items()))
     Console().print(table)
 
 
@@ -355,6 +391,80 @@ def compile_(
         console.print(f"wrote {output}")
     else:
         typer.echo(text)
+
+
+RegistryOpt = Annotated[
+    str | None, typer.Option(help="Image registry [default: $LLMFAB_IMAGE_REGISTRY or ghcr.io/llmfab]")
+]
+TagOpt = Annotated[str | None, typer.Option(help="Image tag [default: $LLMFAB_IMAGE_TAG or the llmfab version]")]
+
+
+@app.command("compile-pipelines")
+def compile_pipelines(
+    root: Annotated[
+        Path, typer.Option(help="Repository root: writes ROOT/pipelines/FAMILY.yaml, ROOT/components/STAGE/")
+    ] = Path("."),
+    registry: RegistryOpt = None,
+    tag: TagOpt = None,
+) -> None:
+    """Compile every family's Kubeflow pipeline and every stage's component to KFP YAML (IR)."""
+    from llmfab.kubeflow.pipelines import compile_all
+
+    try:
+        written = compile_all(root, registry, tag)
+    except LlmfabError as exc:
+        _fail(exc)
+    console.print(f"wrote {len(written)} files below {root}", highlight=False)
+
+
+@app.command()
+def submit(
+    family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2 or llama31")],
+    host: Annotated[str, typer.Option(help="KFP API server, e.g. http://localhost:8080")],
+    preset: Annotated[str, typer.Option(help="Recipe preset")] = "tiny",
+    store: Annotated[
+        str | None, typer.Option(help="Object store root, s3:// [default: the pods' $LLMFAB_STORE]")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow URI [default: ConfigMap llmfab-env's]")
+    ] = None,
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", help="MLflow experiment [default: ConfigMap llmfab-env's]")
+    ] = None,
+    run_name: Annotated[str | None, typer.Option(help="KFP (and MLflow) run name [default: FAMILY-PRESET]")] = None,
+    kfp_experiment: Annotated[str, typer.Option(help="KFP experiment")] = "llmfab",
+    namespace: Annotated[str | None, typer.Option(help="KFP namespace (multi-user installs)")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="Cron line: create a recurring run instead, e.g. '0 3 * * 0'")
+    ] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Recurring runs at once")] = 1,
+    registry: RegistryOpt = None,
+    tag: TagOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Upload a family's pipeline to a Kubeflow Pipelines server and start it (or schedule it)."""
+    from llmfab.kubeflow.submit import submit as submit_pipeline
+
+    try:
+        done = submit_pipeline(
+            family,
+            host=host,
+            preset=preset,
+            overrides=set_ or [],
+            store=store,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            run_name=run_name,
+            kfp_experiment=kfp_experiment,
+            namespace=namespace,
+            schedule=schedule,
+            max_concurrency=max_concurrency,
+            registry=registry,
+            tag=tag,
+        )
+    except LlmfabError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"kind": done.kind, "id": done.id, "experiment_id": done.experiment_id, "name": done.name}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ GROUPS: dict[str, Group] = {
     )
 }
 
-# Every registered stage (llmfab.stages.all_stages()) has an entry: tests/test_images.py checks it, and that
+# Every stage llmfab ships (llmfab.stages.shipped_stages()) has an entry: tests/test_images.py checks it, and that
 # images/Dockerfile has a target FROM the group named here.
 STAGE_GROUPS: dict[str, str] = {
     # Data and tokenizer: text processing only.

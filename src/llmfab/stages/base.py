@@ -104,6 +104,12 @@ def all_stages() -> dict[str, StageSpec]:
     return dict(sorted(STAGES.items()))
 
 
+def shipped_stages() -> dict[str, StageSpec]:
+    """The stages llmfab itself defines (each has an image and a component); a caller (e.g. a test) may
+    register more, which ship in neither."""
+    return {name: spec for name, spec in all_stages().items() if spec.fn.__module__.startswith("llmfab.stages.")}
+
+
 @dataclass
 class StageContext:
     """What a running stage gets besides its config and inputs."""

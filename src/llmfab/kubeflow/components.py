@@ -1,0 +1,171 @@
+"""One lightweight KFP component per registered stage, made from its @stage declaration.
+
+The component of stage `sft` is a Python function `sft(recipe, preset, overrides, step_id, store_uri,
+tracking_uri, experiment, parent_run_id, in_model: Input[Model], in_data: Input[Dataset], model: Output[Model],
+metrics: Output[Metrics], in_teacher: Input[Model] = None, ...) -> NamedTuple(model_uri: str)` whose body calls
+`llmfab.kubeflow.runtime.run_component`; its `base_image` is the stage's own image (llmfab.images), so the same
+definition runs under kfp.local's SubprocessRunner and in a pod. The function's source is generated here from
+the stage registry (KFP serialises a lightweight component as source text, so it is registered with linecache
+for `inspect.getsource`); the compiled component specs are committed as components/STAGE/component.yaml.
+
+Inputs that take several checkpoints (LIST_INPUTS) are `List[str]` parameters of store URIs, fed from the
+producers' `NAME_uri` output parameters: KFP has no static list of artifacts.
+"""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+from functools import cache
+
+from llmfab.errors import ConfigError
+from llmfab.images import image_for
+from llmfab.stages.base import StageSpec, get_stage
+
+# Inputs and outputs that are checkpoints (KFP type Model); every other one is a dataset (KFP type Dataset).
+MODEL_NAMES = frozenset(
+    {"model", "init", "teacher", "reward_model", "reference", "base", "float_model", "tokenizer", "models", "committee"}
+)
+# (stage, input) pairs that take a list of checkpoints: List[str] of store URIs.
+LIST_INPUTS = frozenset(
+    {("average", "models"), ("merge", "models"), ("rejection_sampling", "committee"), ("collect_preferences", "models")}
+)
+# The parameters every stage component takes, in order (step config comes from the recipe preset by step id).
+COMMON_PARAMS = (
+    ("recipe", "str"),
+    ("preset", "str"),
+    ("overrides", "List[str]"),
+    ("step_id", "str"),
+    ("store_uri", "str"),
+    ("tracking_uri", "str"),
+    ("experiment", "str"),
+    ("parent_run_id", "str"),
+)
+METRICS_OUTPUT = "metrics"
+INPUT_PREFIX = "in_"
+
+
+def artifact_type(name: str) -> str:
+    return "Model" if name in MODEL_NAMES else "Dataset"
+
+
+def input_param(name: str) -> str:
+    """The component parameter of stage input `name` (prefixed: `sft` has an input and an output `model`)."""
+    return f"{INPUT_PREFIX}{name}"
+
+
+def uri_output(name: str) -> str:
+    """The output parameter holding output `name`'s store URI (what list inputs are fed from)."""
+    return f"{name}_uri"
+
+
+def is_list_input(stage: str, name: str) -> bool:
+    return (stage, name) in LIST_INPUTS
+
+
+def component_source(spec: StageSpec) -> str:
+    """The Python source of stage `spec`'s component function."""
+    names = [*spec.inputs, *spec.optional_inputs, *spec.outputs, METRICS_OUTPUT]
+    for name in names:
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise ConfigError(f"stage {spec.name}: {name!r} cannot be a component parameter")
+    required = [f"{n}: {t}" for n, t in COMMON_PARAMS]
+    optional = []
+    for name in spec.inputs:
+        required.append(
+            f"{input_param(name)}: List[str]"
+            if is_list_input(spec.name, name)
+            else f"{input_param(name)}: Input[{artifact_type(name)}]"
+        )
+    required += [f"{name}: Output[{artifact_type(name)}]" for name in spec.outputs]
+    required.append(f"{METRICS_OUTPUT}: Output[Metrics]")
+    for name in spec.optional_inputs:
+        optional.append(
+            f"{input_param(name)}: List[str] = []"
+            if is_list_input(spec.name, name)
+            else f"{input_param(name)}: Input[{artifact_type(name)}] = None"
+        )
+    all_inputs = [*spec.inputs, *spec.optional_inputs]
+    artifacts = ", ".join(f'"{n}": {input_param(n)}' for n in all_inputs if not is_list_input(spec.name, n))
+    lists = ", ".join(f'"{n}": {input_param(n)}' for n in all_inputs if is_list_input(spec.name, n))
+    outputs = ", ".join(f'"{n}": {n}' for n in spec.outputs)
+    returns = ", ".join(f'("{uri_output(n)}", str)' for n in spec.outputs)
+    params = "".join(f"    {p},\n" for p in (*required, *optional))
+    doc = (spec.doc or spec.name).replace('"""', "'''").replace("\\", "\\\\")
+    return (
+        f"def {spec.name}(\n{params}"
+        f') -> NamedTuple("Outputs", [{returns}]):\n'
+        f'    """llmfab stage {spec.name}: {doc}"""\n'
+        "    from llmfab.kubeflow.runtime import run_component\n\n"
+        "    return run_component(\n"
+        f'        "{spec.name}",\n'
+        "        recipe=recipe,\n"
+        "        preset=preset,\n"
+        "        overrides=overrides,\n"
+        "        step_id=step_id,\n"
+        "        store_uri=store_uri,\n"
+        "        tracking_uri=tracking_uri,\n"
+        "        experiment=experiment,\n"
+        "        parent_run_id=parent_run_id,\n"
+        f"        inputs={{{artifacts}}},\n"
+        f"        list_inputs={{{lists}}},\n"
+        f"        outputs={{{outputs}}},\n"
+        f"        metrics={METRICS_OUTPUT},\n"
+        "    )\n"
+    )
+
+
+def _define(name: str, source: str):
+    """Exec `source` (defining function `name`) so that inspect.getsource finds it, as KFP needs."""
+    filename = f"<llmfab.kubeflow component {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {}
+    exec(
+        compile("from kfp.dsl import *\nfrom typing import *\n", filename, "exec", dont_inherit=True), namespace
+    )  # what KFP's executor prepends as well
+    exec(compile(source, filename, "exec", dont_inherit=True), namespace)  # no `annotations` future
+    return namespace[name]
+
+
+def stage_component(stage: str, registry: str | None = None, tag: str | None = None):
+    """The KFP component of `stage`, running in image_for(stage, registry, tag)."""
+    return _stage_component(stage, image_for(stage, registry, tag))  # cached per image: $LLMFAB_IMAGE_* may change
+
+
+@cache
+def _stage_component(stage: str, image: str):
+    from kfp import dsl
+
+    spec = get_stage(stage)
+    fn = _define(spec.name, component_source(spec))
+    # packages_to_install=[]: the stage image has llmfab with its kfp extra (KFP's launcher then finds kfp installed).
+    return dsl.component(fn, base_image=image, packages_to_install=[])
+
+
+OPEN_RUN_SOURCE = '''def open_run(
+    family: str,
+    preset: str,
+    store: str,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    parent_run_id: str,
+) -> NamedTuple("Outputs", [("run_id", str), ("store_uri", str)]):
+    """Open the pipeline's parent MLflow run (or adopt the given one); work out the run's store location."""
+    from llmfab.kubeflow.runtime import open_run as _open_run
+
+    return _open_run(family, preset, store, tracking_uri, experiment, run_name, parent_run_id)
+'''
+OPEN_RUN_STAGE = "prepare_data"  # open_run is tracking and storage only: it runs in a CPU-group image
+
+
+def open_run_component(registry: str | None = None, tag: str | None = None):
+    return _open_run_component(image_for(OPEN_RUN_STAGE, registry, tag))
+
+
+@cache
+def _open_run_component(image: str):
+    from kfp import dsl
+
+    fn = _define("open_run", OPEN_RUN_SOURCE)
+    return dsl.component(fn, base_image=image, packages_to_install=[])

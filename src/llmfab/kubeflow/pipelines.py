@@ -1,0 +1,224 @@
+"""A family pipeline built from its recipe: one task per step, `step.output` references as artifact edges.
+
+    llmfab-qwen2(preset="tiny", overrides=[], store="", tracking_uri="", experiment="", run_name="",
+                 parent_run_id="")
+
+A first task, open-run, opens the parent MLflow run (or adopts `parent_run_id`, as `llmfab run` passes it) and
+works out the run's store prefix STORE/runs/RUN_NAME; every step task is a nested MLflow run of it and writes
+below STORE/runs/RUN_NAME/STEP. Each step task reads its config from the recipe preset inside its container
+(so `preset` and `overrides` are run-time parameters; the recipe's steps, the same in every preset, are the
+graph). Empty strings mean the pod's environment: $LLMFAB_STORE, $MLFLOW_TRACKING_URI, $MLFLOW_EXPERIMENT_NAME.
+
+On a cluster (kfp-kubernetes, ignored by kfp.local): every task gets the S3 credentials from Secret llmfab-s3,
+the MLflow ones from Secret llmfab-mlflow (optional) and the endpoints from ConfigMap llmfab-env, by reference
+only; GPU-group stages (llmfab.images: train, deepspeed) also get an accelerator, a toleration and a node selector.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmfab.config.recipe import Recipe, as_refs, list_families, load_recipe
+from llmfab.errors import ConfigError
+from llmfab.images import stage_group
+from llmfab.kube.trainjob import MLFLOW_KEYS, MLFLOW_SECRET, S3_KEYS, S3_SECRET
+from llmfab.kubeflow.components import (
+    input_param,
+    is_list_input,
+    open_run_component,
+    stage_component,
+    uri_output,
+)
+
+PIPELINE_PREFIX = "llmfab-"
+ENV_CONFIG_MAP = "llmfab-env"  # manifests/base/runner (+ overlays: the store and the S3 endpoint)
+ENV_CONFIG_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "AWS_DEFAULT_REGION",
+    "LLMFAB_PROGRESS",
+    "LLMFAB_STORE",
+    "AWS_ENDPOINT_URL_S3",
+)
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """What GPU-group tasks ask the cluster for, and where every task's credentials come from."""
+
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = 1
+    tolerations: tuple[tuple[str, str, str], ...] = (("nvidia.com/gpu", "Exists", "NoSchedule"),)  # key, op, effect
+    node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    s3_secret: str = S3_SECRET
+    mlflow_secret: str = MLFLOW_SECRET
+    env_config_map: str = ENV_CONFIG_MAP
+
+
+def needs_gpu(stage: str) -> bool:
+    return stage_group(stage).gpu
+
+
+def _is_uri(ref: str) -> bool:
+    return "://" in ref or ref.startswith(("/", "./"))
+
+
+def _apply_kubernetes(task, stage: str | None, settings: KubernetesSettings) -> None:
+    from kfp import kubernetes
+
+    kubernetes.use_secret_as_env(task, settings.s3_secret, {k: k for k in S3_KEYS})
+    kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in MLFLOW_KEYS}, optional=True)
+    kubernetes.use_config_map_as_env(task, settings.env_config_map, {k: k for k in ENV_CONFIG_KEYS}, optional=True)
+    if stage is not None and needs_gpu(stage):
+        task.set_accelerator_type(settings.accelerator_type)
+        task.set_accelerator_limit(settings.accelerator_limit)
+        for key, operator, effect in settings.tolerations:
+            kubernetes.add_toleration(task, key=key, operator=operator, effect=effect)
+        for label, value in sorted(settings.node_selector.items()):
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+
+
+def build_pipeline(
+    family: str,
+    *,
+    preset: str = "tiny",
+    registry: str | None = None,
+    tag: str | None = None,
+    kubernetes: KubernetesSettings | None = None,
+):
+    """The KFP pipeline of `family`: a packaged family (the components load the same recipe in their image), or a
+    recipe YAML path that the components can read (a local run). `preset` is the parameter's default."""
+    from kfp import dsl
+
+    recipe: Recipe = load_recipe(family, preset)  # the steps and their wiring (the same in every preset)
+    family_name = recipe.family
+    settings = kubernetes or KubernetesSettings()
+    components = {s.stage: stage_component(s.stage, registry, tag) for s in recipe.steps}
+    open_run_op = open_run_component(registry, tag)
+    description = f"llmfab {recipe.family}: {recipe.description}".strip()[:1000]
+
+    def pipeline(
+        preset: str = preset,
+        overrides: list[str] = [],  # noqa: B006 (a KFP default, never mutated)
+        store: str = "",
+        tracking_uri: str = "",
+        experiment: str = "",
+        run_name: str = "",
+        parent_run_id: str = "",
+    ):
+        opened = open_run_op(
+            family=family_name,
+            preset=preset,
+            store=store,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+        )
+        opened.set_display_name("open-run")
+        opened.set_caching_options(False)
+        _apply_kubernetes(opened, None, settings)
+        tasks: dict = {}
+        for step in recipe.steps:
+            args: dict = {}
+            for name, refs in step.inputs.items():
+                if any(_is_uri(r) for r in as_refs(refs)):
+                    raise ConfigError(
+                        f"{family_name} step {step.id}: input {name}={refs!r}: a pipeline wires step outputs only "
+                        "(give data through the recipe's steps)"
+                    )
+                if is_list_input(step.stage, name):
+                    args[input_param(name)] = [
+                        tasks[r.partition(".")[0]].outputs[uri_output(r.partition(".")[2])] for r in as_refs(refs)
+                    ]
+                elif isinstance(refs, list):
+                    raise ConfigError(
+                        f"{family_name} step {step.id}: input {name} of stage {step.stage} takes one step"
+                    )
+                else:
+                    src, _, out = refs.partition(".")
+                    args[input_param(name)] = tasks[src].outputs[out]
+            task = components[step.stage](
+                recipe=family,
+                preset=preset,
+                overrides=overrides,
+                step_id=step.id,
+                store_uri=opened.outputs["store_uri"],
+                tracking_uri=tracking_uri,
+                experiment=experiment,
+                parent_run_id=opened.outputs["run_id"],
+                **args,
+            )
+            task.set_display_name(step.id)
+            task.set_caching_options(False)  # every run is its own MLflow runs and checkpoints
+            _apply_kubernetes(task, step.stage, settings)
+            tasks[step.id] = task
+
+    pipeline.__name__ = family_name
+    return dsl.pipeline(name=f"{PIPELINE_PREFIX}{family_name}", description=description)(pipeline)
+
+
+def compile_pipeline(family: str, path: Path, **kwargs) -> Path:
+    from kfp import compiler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(family, **kwargs), str(path))
+    return path
+
+
+def compile_component(stage: str, path: Path, registry: str | None = None, tag: str | None = None) -> Path:
+    from kfp import compiler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(stage_component(stage, registry, tag), str(path))
+    return path
+
+
+def component_readme(stage: str, registry: str | None = None, tag: str | None = None) -> str:
+    """components/STAGE/README.md: what the component takes and gives, from the stage's declaration."""
+    from llmfab.images import image_for
+    from llmfab.kubeflow.components import METRICS_OUTPUT, artifact_type
+    from llmfab.stages import get_stage
+
+    spec = get_stage(stage)
+    group = stage_group(stage)
+    lines = [
+        f"# {stage}",
+        "",
+        spec.doc,
+        "",
+        f"Image `{image_for(stage, registry, tag)}` (group `{group.name}`{', GPU' if group.gpu else ''}). "
+        "Generated by `llmfab compile-pipelines` from the stage's `@stage` declaration, with `component.yaml` "
+        "(the KFP component spec): do not edit.",
+        "",
+        "Parameters: `recipe`, `preset`, `overrides` (the step's config is the recipe preset's), `step_id`, "
+        "`store_uri`, `tracking_uri`, `experiment`, `parent_run_id`.",
+        "",
+        "| input | KFP type | required | what |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, what in [*spec.inputs.items(), *spec.optional_inputs.items()]:
+        kind = "List[str] of store URIs" if is_list_input(stage, name) else f"Input[{artifact_type(name)}]"
+        lines.append(f"| `{input_param(name)}` | {kind} | {'yes' if name in spec.inputs else 'no'} | {what} |")
+    lines += ["", "| output | KFP type | what |", "| --- | --- | --- |"]
+    for name, what in spec.outputs.items():
+        lines.append(f"| `{name}` | Output[{artifact_type(name)}] | {what} (its store URI in `metadata.store_uri`) |")
+        lines.append(f"| `{uri_output(name)}` | str | the same URI as a parameter (what list inputs take) |")
+    lines.append(f"| `{METRICS_OUTPUT}` | Output[Metrics] | the stage's final metrics (also in its MLflow run) |")
+    return "\n".join(lines) + "\n"
+
+
+def compile_all(root: Path, registry: str | None = None, tag: str | None = None) -> list[Path]:
+    """pipelines/FAMILY.yaml for every family; components/STAGE/component.yaml and README.md for every stage."""
+    from llmfab.stages import shipped_stages
+
+    written = [
+        compile_pipeline(f, root / "pipelines" / f"{f}.yaml", registry=registry, tag=tag) for f in list_families()
+    ]
+    for stage in shipped_stages():
+        written.append(compile_component(stage, root / "components" / stage / "component.yaml", registry, tag))
+        readme = root / "components" / stage / "README.md"
+        readme.write_text(component_readme(stage, registry, tag), encoding="utf-8")
+        written.append(readme)
+    return written
