@@ -140,14 +140,14 @@ def test_mdloo_logs_guard_rails_and_resumes_exactly(models, tmp_path, monkeypatc
 def test_non_finite_rewards_stop_the_stage_and_keep_the_checkpoint(models, tmp_path, monkeypatch):
     import llmfab.train.rollouts as rollouts
 
-    real, calls = rollouts.reward_scores, []
+    real, calls = rollouts.reward_scores_of_ids, []
 
     def nan_on_second_rollout(*args, **kwargs):
         calls.append(1)
         scores = real(*args, **kwargs)
         return scores if len(calls) == 1 else scores * float("nan")
 
-    monkeypatch.setattr(rollouts, "reward_scores", nan_on_second_rollout)
+    monkeypatch.setattr(rollouts, "reward_scores_of_ids", nan_on_second_rollout)
     with pytest.raises(RolloutError, match=r"reward model scores are NaN/inf; stopping \(checkpoints kept\)"):
         _run("mdloo", {**MDLOO, "heldout_prompts": 0}, _rl_inputs(models), tmp_path)  # rollouts alone score
     assert [step for step, _ in list_step_checkpoints(open_store(tmp_path).sub("checkpoints"))] == [2]

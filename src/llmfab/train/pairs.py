@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 AFM_LEVEL_LABELS = (0.95, 0.85, 0.75, 0.65)
 
 
-def _pad(seqs: list[list[int]], value: int, length: int) -> torch.Tensor:
+def pad_right(seqs: list[list[int]], value: int, length: int | None = None) -> torch.Tensor:
+    """(len(seqs), length) long tensor, each row padded with `value` (default length: the longest)."""
+    length = max(len(s) for s in seqs) if length is None else length
     return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
 
 
@@ -62,11 +64,11 @@ def encode_pairs(
     length = max(len(s) for s in cols["c_ids"] + cols["r_ids"])
     pad = tokenizer.pad_token_id
     return {
-        "chosen_ids": _pad(cols["c_ids"], pad, length),
-        "chosen_mask": _pad(cols["c_mask"], 0, length),
-        "chosen_full_mask": _pad(cols["c_full"], 0, length),
-        "rejected_ids": _pad(cols["r_ids"], pad, length),
-        "rejected_mask": _pad(cols["r_mask"], 0, length),
+        "chosen_ids": pad_right(cols["c_ids"], pad, length),
+        "chosen_mask": pad_right(cols["c_mask"], 0, length),
+        "chosen_full_mask": pad_right(cols["c_full"], 0, length),
+        "rejected_ids": pad_right(cols["r_ids"], pad, length),
+        "rejected_mask": pad_right(cols["r_mask"], 0, length),
         "margin": torch.tensor(cols["margin"]),
         "label": torch.tensor(cols["label"]),
     }
@@ -110,15 +112,19 @@ def reference_logps(model, rows: dict[str, torch.Tensor], batch_size: int = 16) 
     return torch.cat(chosen), torch.cat(rejected)
 
 
-@torch.no_grad()
 def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32):
     """The reward model's scalar score of each (prompt, response)."""
+    encoded = [encode_response(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True)]
+    return reward_scores_of_ids(reward_model, encoded, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def reward_scores_of_ids(reward_model, encoded: list[list[int]], pad_token_id: int, batch_size: int = 32):
+    """The reward model's scalar score of each already-encoded conversation."""
     reward_model.eval()
     device = next(reward_model.parameters()).device
-    encoded = [encode_response(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True)]
     scores = [torch.zeros(0)]
     for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        ids = _pad(chunk, tokenizer.pad_token_id, max(len(s) for s in chunk)).to(device)
+        ids = pad_right(encoded[i : i + batch_size], pad_token_id).to(device)
         scores.append(reward_model(input_ids=ids, use_cache=False).logits[:, 0].float().cpu())
     return torch.cat(scores)

@@ -22,7 +22,7 @@ from llmfab.losses.preference import sequence_logps
 from llmfab.losses.rl import kl_penalized_rewards, leave_one_out_advantages
 from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.lm import step_batch
-from llmfab.train.pairs import reward_scores
+from llmfab.train.pairs import pad_right, reward_scores_of_ids
 
 Rows = dict[str, torch.Tensor]
 
@@ -49,11 +49,6 @@ class RolloutConfig(StrictModel):
         64, ge=0, description="test-split prompts on which reward and KL to the input model are measured (0: off)"
     )
     heldout_samples: int = Field(2, ge=2, description="samples per held-out prompt in each measurement")
-
-
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    length = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -90,7 +85,6 @@ def sample_rollout(
     texts, finished = sample_chat(
         policy, tokenizer, prompts, n=k, temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=seed
     )
-    policy.train(was_training)
     flat_prompts = [p for p in prompts for _ in range(k)]
     encoded = [encode_response(tokenizer, p, t) for p, t in zip(flat_prompts, texts, strict=True)]
     for j, (ids, mask) in enumerate(encoded):
@@ -101,14 +95,14 @@ def sample_rollout(
                 f"max_len={config.max_len} (raise max_len or drop long prompts)"
             )
     rows = {
-        "input_ids": _pad([ids for ids, _ in encoded], tokenizer.pad_token_id),
-        "mask": _pad([mask for _, mask in encoded], 0),
+        "input_ids": pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id),
+        "mask": pad_right([mask for _, mask in encoded], 0),
         "length": torch.tensor([len(ids) for ids, _ in encoded]),
     }
     old = batched_sequence_logps(policy, rows)
     policy.train(was_training)
     anchor_logps = batched_sequence_logps(anchor, rows)
-    scores = reward_scores(reward_model, tokenizer, flat_prompts, texts)
+    scores = reward_scores_of_ids(reward_model, [ids for ids, _ in encoded], tokenizer.pad_token_id)
     done = torch.tensor(finished, dtype=torch.float32)
     for name, values in (
         ("reward model scores", scores),
@@ -152,9 +146,7 @@ def measure_policy(model, reference, reward_model, tokenizer, records, config: R
     """On held-out prompts: KL(π‖π_ref) (sequence level, on π's samples), the reward-model score and
     the sampled gold reward. Every call answers the same prompts with the same sampling stream."""
     probe = config.model_copy(update={"samples_per_prompt": config.heldout_samples, "normalize_advantages": False})
-    was_training = model.training
     _, stats = sample_rollout(model, reference, reward_model, tokenizer, records, probe, seed=seed)
-    model.train(was_training)
     out = {"kl": stats["kl_anchor"], "rm_reward": stats["rm_score"], "response_tokens": stats["response_tokens"]}
     if "gold_reward_sampled" in stats:
         out["gold_sampled"] = stats["gold_reward_sampled"]
