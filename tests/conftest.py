@@ -94,6 +94,41 @@ def s3_bucket(s3_env) -> str:
     return name
 
 
+@pytest.fixture
+def mlflow_server(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
+    """A real `mlflow server` on loopback (sqlite backend), artifacts proxied into a fresh moto S3 bucket;
+    yields (URI, bucket)."""
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
+    port = free_port()
+    log = open(tmp_path / "mlflow.log", "w")  # noqa: SIM115
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            f"s3://{s3_bucket}/mlartifacts",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, proc, timeout=120)
+        yield f"http://127.0.0.1:{port}", s3_bucket
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     """The same tests run against both store backends."""

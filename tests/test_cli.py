@@ -61,11 +61,17 @@ def test_compile_plan(tmp_path):
         "dpo",
         "reward",
         "online_dpo",
+        "evaluate",
+        "register",
+        "promote",
     ]
     llama = plans[2]
     average = next(s for s in llama["steps"] if s["id"] == "average")
-    assert average["inputs"]["models"] == ["dpo.model", "dpo_b.model"]  # a list input
+    assert average["inputs"]["models"] == "dpo.model"  # a parallel step's outputs: a list input
+    dpo = next(s for s in llama["steps"] if s["id"] == "dpo")
+    assert dpo["parallel"] == [{"seed": 0}, {"seed": 1}]
     assert qwen2["steps"][4]["config"]["model"]["hidden_size"] == 128  # ${models.policy} resolved
+    assert qwen2["steps"][-1]["when"] == "register.decision == promote"
 
 
 def test_bad_override_names_field():

@@ -1,6 +1,7 @@
 """Kubeflow: per-stage components, family pipelines (compiled IR committed, stale check), the component runtime,
 local runs under kfp.local, and submission to a (fake) KFP API server."""
 
+import ast
 import json
 import re
 import threading
@@ -19,7 +20,7 @@ from llmfab.images import stage_group
 from llmfab.kube.trainjob import CREDENTIAL_NAME
 from llmfab.kubeflow.components import LIST_INPUTS, component_source, is_list_input, stage_component
 from llmfab.kubeflow.pipelines import compile_all, compile_pipeline
-from llmfab.kubeflow.runtime import STORE_URI, run_component
+from llmfab.kubeflow.runtime import STORE_URI, run_component, write_run_context
 from llmfab.stages import shipped_stages
 from llmfab.tracking import Tracker
 
@@ -101,13 +102,31 @@ def _pipeline(compiled, family):
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+def _steps_dag(spec):
+    """{display name: (task, the task in the exit handler's DAG that holds it: itself, or its loop/condition)}"""
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"close-run", "exit-handler-1"}  # every step runs inside the exit handler
+    assert root["close-run"]["inputs"]["parameters"]["status"] == {
+        "taskFinalStatus": {"producerTask": "exit-handler-1"}
+    }
+    found = {}
+    for key, task in spec["components"]["comp-exit-handler-1"]["dag"]["tasks"].items():
+        inner = spec["components"][task["componentRef"]["name"]].get("dag")
+        if inner:  # a dsl.ParallelFor or dsl.If group: one task inside
+            ((_, step_task),) = inner["tasks"].items()
+            found[step_task["taskInfo"]["name"]] = (step_task, key, task)
+        else:
+            found[task["taskInfo"]["name"]] = (task, key, task)
+    return found
+
+
 @pytest.mark.parametrize("family", list_families())
 def test_pipeline_wires_the_recipe(compiled, family):
     recipe = load_recipe(family, "tiny")
     spec, platform = _pipeline(compiled, family)
-    tasks = spec["root"]["dag"]["tasks"]
-    by_step = {t["taskInfo"]["name"]: t for t in tasks.values()}
-    assert set(by_step) == {"open-run", *(s.id for s in recipe.steps)}
+    by_step = _steps_dag(spec)
+    conditions = {f"{s.when.step}-{s.when.value}" for s in recipe.steps if s.when}
+    assert set(by_step) == {"open-run", *(s.id for s in recipe.steps), *conditions}
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
         "preset",
         "overrides",
@@ -117,20 +136,37 @@ def test_pipeline_wires_the_recipe(compiled, family):
         "run_name",
         "parent_run_id",
     }
-    key_of = {t["taskInfo"]["name"]: k for k, t in tasks.items()}
+    key_of = {name: key for name, (_, key, _) in by_step.items()}
     for step in recipe.steps:
-        task = by_step[step.id]
+        task, _, group = by_step[step.id]
         upstream = {ref.partition(".")[0] for refs in step.inputs.values() for ref in as_refs(refs)}
-        assert set(task.get("dependentTasks", [])) == {key_of[u] for u in upstream} | {key_of["open-run"]}, step.id
+        upstream |= {f"{step.when.step}-{step.when.value}"} if step.when else set()
+        assert set(group.get("dependentTasks", [])) == {key_of[u] for u in upstream} | {key_of["open-run"]}, step.id
         inputs = task["inputs"]
         assert inputs["parameters"]["step_id"]["runtimeValue"]["constant"] == step.id
+        if step.variants:
+            assert group["parameterIterator"]["items"]["raw"] == json.dumps(
+                [json.dumps(v, sort_keys=True) for v in step.variants]
+            )
+        if step.when:  # tests the step-value task that passes the stage's value on
+            assert f"== '{step.when.equals}'" in group["triggerPolicy"]["condition"], step.id
+            value_task = by_step[f"{step.when.step}-{step.when.value}"][0]
+            assert value_task["inputs"]["parameters"]["value"]["taskOutputParameter"] == {
+                "producerTask": key_of[step.when.step],
+                "outputParameterKey": step.when.value,
+            }
         for name, refs in step.inputs.items():
             if is_list_input(step.stage, name):
                 assert f"in_{name}" in inputs["parameters"], (step.id, name)
-            else:
-                src, _, out = refs.partition(".")
-                art = inputs["artifacts"][f"in_{name}"]["taskOutputArtifact"]
-                assert art == {"producerTask": key_of[src], "outputArtifactKey": out}
+                continue
+            src, _, out = refs.partition(".")
+            art = (group if group is not task else task)["inputs"]["artifacts"]
+            wired = (
+                art[f"in_{name}"]
+                if group is task
+                else next(a for k, a in art.items() if k.endswith(f"{key_of[src]}-{out}"))
+            )
+            assert wired["taskOutputArtifact"] == {"producerTask": key_of[src], "outputArtifactKey": out}
         executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
         container = spec["deploymentSpec"]["executors"][executor]["container"]
         assert container["image"].endswith(
@@ -163,7 +199,7 @@ def test_every_stage_component_is_typed():
         component = stage_component(name)
         inputs = component.component_spec.inputs
         outputs = component.component_spec.outputs
-        assert set(outputs) == {*spec.outputs, *(f"{o}_uri" for o in spec.outputs), "metrics"}
+        assert set(outputs) == {*spec.outputs, *(f"{o}_uri" for o in spec.outputs), *spec.values, "metrics"}
         assert outputs["metrics"].type == "system.Metrics@0.0.1"
         for out in spec.outputs:
             assert outputs[out].type in ("system.Model@0.0.1", "system.Dataset@0.0.1")
@@ -183,14 +219,16 @@ def test_run_component_maps_artifacts_onto_the_stage(tmp_path, tracking_uri):
     tracker = Tracker(tracking_uri)
     store = (tmp_path / "store").as_uri()
     with tracker.run("parent") as parent:
+        pipeline_run = dsl.Artifact(name="pipeline_run", uri=str(tmp_path / "kfp" / "run"), metadata={})
+        write_run_context(pipeline_run, parent.run_id, store)
         common = dict(
             recipe="qwen2",
             preset="tiny",
             overrides=SMALL,
-            store_uri=store,
             tracking_uri=tracking_uri,
             experiment="",
-            parent_run_id=parent.run_id,
+            pipeline_run=pipeline_run,
+            variant="",
         )
         data_out = {n: _artifact(dsl.Dataset, tmp_path, n) for n in ("text", "sft", "prompts", "preferences")}
         metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "kfp" / "m"))
@@ -231,13 +269,16 @@ def test_run_component_refuses_foreign_artifacts(tmp_path):
 
 MINI_RECIPE = """
 family: mini
-description: data, tokenizer, two short pretrains and their average (a list input)
+description: data, tokenizer, two short pretrains (a parallel step) averaged, evaluated, registered, promoted
 steps:
   - {id: data, stage: prepare_data}
   - {id: tokenizer, stage: train_tokenizer, inputs: {corpus: data.text}}
-  - {id: pa, stage: pretrain, inputs: {corpus: data.text, tokenizer: tokenizer.tokenizer}}
-  - {id: pb, stage: pretrain, inputs: {corpus: data.text, tokenizer: tokenizer.tokenizer}}
-  - {id: avg, stage: average, inputs: {models: [pa.model, pb.model]}}
+  - {id: pre, stage: pretrain, inputs: {corpus: data.text, tokenizer: tokenizer.tokenizer},
+     parallel: [{seed: 0}, {seed: 1}]}
+  - {id: avg, stage: average, inputs: {models: pre.model}}
+  - {id: evaluate, stage: evaluate, inputs: {model: avg.model, data: data.sft, prompts: data.prompts}}
+  - {id: register, stage: register, inputs: {model: avg.model, report: evaluate.report}}
+  - {id: promote, stage: promote, inputs: {registration: register.registration}, when: register.decision == promote}
 presets:
   tiny:
     models:
@@ -246,39 +287,73 @@ presets:
     config:
       data: {prose_docs: 40, code_docs: 20, task_docs: 40, sft_examples: 20, prompts: 10, preference_pairs: 20}
       tokenizer: {vocab_size: 400}
-      pa: {model: "${models.m}", seq_len: 64, train: {max_steps: 2, batch_size: 2}}
-      pb: {model: "${models.m}", seed: 1, seq_len: 64, train: {max_steps: 2, batch_size: 2}}
+      pre: {model: "${models.m}", seq_len: 64, train: {max_steps: 2, batch_size: 2}}
+      evaluate: {prompts: 8, heldout_conversations: 8, sample_prompts: 0, needle_samples: 0, max_new_tokens: 8}
+      register: {name: mini, gate: [{metric: gold_reward, margin: 0.0}]}
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_mini_pipeline_runs_under_kfp_local(tmp_path, tracking_uri):
-    """`llmfab run` of a 5-task pipeline through kfp.local (~1 min): artifact edges, a List[str] input (average's
-    models), every step a nested MLflow run of one FINISHED parent."""
+def _run_mini(tmp_path, tracking_uri, run_name: str):
+    """The mini pipeline under kfp.local as a cluster runs it: open-run creates the parent MLflow run (no
+    `parent_run_id`), the exit task ends it."""
+    from kfp import local
+
+    from llmfab.kubeflow.pipelines import build_pipeline
+
     path = tmp_path / "mini.yaml"
     path.write_text(MINI_RECIPE)
-    store = tmp_path / "store"
-    args = ["run", str(path), "--store", str(store), "--tracking-uri", tracking_uri, "--run-name", "mini-ci"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
+    build_pipeline(str(path))(store=str(tmp_path / "store"), tracking_uri=tracking_uri, run_name=run_name)
     tracker = Tracker(tracking_uri)
-    (parent,) = tracker.client.search_runs([tracker.experiment_id], "attributes.run_name = 'mini-ci'")
-    assert parent.info.status == "FINISHED" and parent.data.tags["llmfab.runner"] == "kfp-local"
-    children = {r.info.run_name: r for r in tracker.child_runs(parent.info.run_id)}
-    assert set(children) == {"data", "tokenizer", "pa", "pb", "avg"}
+    (parent,) = tracker.client.search_runs([tracker.experiment_id], f"attributes.run_name = '{run_name}'")
+    return tracker, parent, {r.info.run_name: r for r in tracker.child_runs(parent.info.run_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mini_pipeline_runs_under_kfp_local(tmp_path, tracking_uri):
+    """A 9-task pipeline through kfp.local (~2 min): ParallelFor + Collected (average's models), artifact edges,
+    a dsl.If on register's decision, the exit handler ending the parent MLflow run; run twice, the second run
+    reproduces the weights, so it reuses the registered version and the gate keeps the champion."""
+    from llmfab.registry.loading import generate_text, load_registered
+
+    tracker, parent, children = _run_mini(tmp_path, tracking_uri, "mini-1")
+    assert parent.info.status == "FINISHED"  # set by the exit task
+    assert sorted(children) == sorted(
+        ["data", "tokenizer", "pre/seed-0", "pre/seed-1", "avg", "evaluate", "register", "promote"]
+    )
     assert all(r.info.status == "FINISHED" for r in children.values())
-    run_store = (store / "runs" / "mini-ci").as_uri()
+    run_store = (tmp_path / "store" / "runs" / "mini-1").as_uri()
     avg = children["avg"].data.tags
     assert avg["llmfab.output.model"] == f"{run_store}/avg/model"
-    assert avg["llmfab.input.models"] == str([f"{run_store}/pa/model", f"{run_store}/pb/model"])
-    assert parent.data.metrics["pa.train_loss"] > 0  # the steps' final metrics, on the parent too
+    assert sorted(ast.literal_eval(avg["llmfab.input.models"])) == [
+        f"{run_store}/pre/seed-0/model",
+        f"{run_store}/pre/seed-1/model",
+    ]
+    assert children["pre/seed-1"].data.params["seed"] == "1"
+    assert children["register"].data.tags["llmfab.value.decision"] == "promote"  # no champion yet
+    assert parent.data.metrics["pre/seed-0.train_loss"] > 0  # the steps' final metrics, copied by the exit task
+    mv = tracker.client.get_model_version_by_alias("mini", "champion")
+    assert mv.tags["llmfab.pipeline_run_id"] == parent.info.run_id and mv.tags["llmfab.family"] == "mini"
+    assert float(mv.tags["llmfab.metric.heldout_loss"]) == children["evaluate"].data.metrics["heldout_loss"]
+    model, _ = load_registered("models:/mini@champion", tracking_uri=tracking_uri)
+    assert model.config.hidden_size == 32
+    (text,) = generate_text("models:/mini@champion", ["What is 2 + 3?"], tracking_uri=tracking_uri, max_new_tokens=4)
+    assert isinstance(text, str)
+
+    tracker, again, children = _run_mini(tmp_path, tracking_uri, "mini-2")
+    assert again.info.status == "FINISHED"
+    assert children["register"].data.tags["llmfab.value.decision"] == "keep"
+    assert "promote" not in children  # the condition was false
+    versions = tracker.client.search_model_versions("name = 'mini'")
+    assert [v.version for v in versions] == [mv.version]  # same weights: no second version
 
 
 class FakeKfp(BaseHTTPRequestHandler):
     """The few KFP v2beta1 endpoints kfp.Client calls to create a run or a recurring run."""
 
     requests: ClassVar[list] = []
+    run_state: ClassVar[str] = "SUCCEEDED"
 
     def _send(self, obj, code=200):
         body = json.dumps(obj).encode()
@@ -289,8 +364,12 @@ class FakeKfp(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self.requests.append(("GET", self.path.split("?")[0], None))
-        self._send({})
+        path = self.path.split("?")[0]
+        self.requests.append(("GET", path, None))
+        if path == "/apis/v2beta1/runs/run-1":  # what kfp.Client.wait_for_run_completion polls
+            self._send({"run_id": "run-1", "experiment_id": "exp-1", "state": self.run_state})
+        else:
+            self._send({})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -312,6 +391,7 @@ class FakeKfp(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_server():
     FakeKfp.requests = []
+    FakeKfp.run_state = "SUCCEEDED"
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfp)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -384,3 +464,57 @@ def test_compile_pipelines_command(tmp_path, default_images):
     # one pipeline compiles on its own too, for any preset default
     path = compile_pipeline("afm", tmp_path / "afm.yaml", preset="afm-3b")
     assert "afm-3b" in path.read_text()
+
+
+def test_open_and_close_run_on_a_cluster(tracking_uri, tmp_path):
+    """What open-run and the exit task do in pods: the parent run stays RUNNING through the steps, carries the
+    data fingerprint, and ends with the pipeline's state and every step's final metrics; an adopted run (a local
+    `llmfab run`) is left to its owner."""
+    from llmfab.data.version import DATA_FINGERPRINT_TAG, data_fingerprint
+    from llmfab.kubeflow.runtime import KFP_RUN_TAG, close_run, open_run
+
+    store = (tmp_path / "store").as_uri()
+    args = ("qwen2", "tiny", SMALL, store, tracking_uri, "", "nightly-1", "")
+    run_id, run_store = open_run(*args, kfp_run_id="kfp-1")
+    assert run_store == f"{store}/runs/nightly-1"
+    tracker = Tracker(tracking_uri)
+    parent = tracker.client.get_run(run_id)
+    assert parent.info.status == "RUNNING" and parent.data.tags[KFP_RUN_TAG] == "kfp-1"
+    assert parent.data.tags[DATA_FINGERPRINT_TAG] == data_fingerprint(load_recipe("qwen2", "tiny", SMALL))
+    assert parent.data.tags[DATA_FINGERPRINT_TAG] != data_fingerprint(
+        load_recipe("qwen2", "tiny", [*SMALL, "data.seed=1"])
+    )
+    with tracker.run("sft", parent_run_id=run_id) as child:
+        child.log_metrics({"eval_loss": 1.5})
+    close_run("kfp-1", "", tracking_uri, "", "FAILED")
+    parent = tracker.client.get_run(run_id)
+    assert parent.info.status == "FAILED" and parent.data.metrics["sft.eval_loss"] == 1.5
+    with pytest.raises(Exception, match=r"no MLflow run tagged llmfab\.kfp_run_id=kfp-2"):
+        close_run("kfp-2", "", tracking_uri, "", "SUCCEEDED")
+    with tracker.run("held by the CLI") as held:
+        assert open_run(*args[:-1], held.run_id, kfp_run_id="kfp-3") == (held.run_id, f"{store}/runs/nightly-1")
+        close_run("kfp-3", held.run_id, tracking_uri, "", "SUCCEEDED")  # adopted: not touched
+        assert tracker.client.get_run(held.run_id).info.status == "RUNNING"
+
+
+def test_trainjob_steps_compile_without_gpus_on_their_tasks(tmp_path, default_images):
+    from llmfab.errors import ConfigError
+    from llmfab.kube.trainjob import LaunchConfig
+
+    launch = LaunchConfig(num_nodes=2, gpus_per_node=8, cpu="90", memory="900Gi")
+    path = compile_pipeline("llama31", tmp_path / "l.yaml", trainjobs={"pretrain": launch})
+    spec, platform = yaml.safe_load_all(path.read_text())
+    platform = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    task = _steps_dag(spec)["pretrain"][0]
+    assert (
+        LaunchConfig.model_validate_json(task["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]) == launch
+    )
+    executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+    assert "accelerator" not in spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {})
+    assert "tolerations" not in platform[executor]
+    sft = _steps_dag(spec)["sft"][0]
+    assert "launch" not in sft["inputs"]["parameters"]  # the other training steps run in their own (GPU) task
+    with pytest.raises(ConfigError, match="stage prepare_data does not train"):
+        compile_pipeline("llama31", tmp_path / "x.yaml", trainjobs={"data": launch})
+    with pytest.raises(ConfigError, match="'nope': no such step"):
+        compile_pipeline("llama31", tmp_path / "x.yaml", trainjobs={"nope": launch})

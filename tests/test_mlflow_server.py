@@ -1,46 +1,6 @@
 """Tracking against a real `mlflow server` process on loopback, artifacts proxied to S3 (moto)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-from conftest import free_port, wait_for_port
 from llmfab.tracking import Tracker
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_endpoint)
-    port = free_port()
-    log = open(tmp_path / "mlflow.log", "w")  # noqa: SIM115
-    exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            f"s3://{s3_bucket}/mlartifacts",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(port, proc, timeout=120)
-        yield f"http://127.0.0.1:{port}", s3_bucket
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_tracker_against_mlflow_server(mlflow_server, monkeypatch):

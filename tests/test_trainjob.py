@@ -487,10 +487,7 @@ def test_cli_launch_dry_run_prints_a_valid_trainjob():
     assert refused.exit_code == 2 and "credentials are never passed as values" in refused.output
 
 
-def test_cli_launch_through_a_kubeconfig(fake_api, s3_bucket, tmp_path, monkeypatch):
-    output = f"s3://{s3_bucket}/runs/r2/pretrain"
-    payload = {"outputs": {"model": f"{output}/model"}, "metrics": {}, "run_id": None}
-    api = fake_api([CREATED, RUNNING, COMPLETE], on_get=_pod_writes_result(payload))
+def _use_kubeconfig(api, tmp_path, monkeypatch) -> None:
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -502,6 +499,13 @@ def test_cli_launch_through_a_kubeconfig(fake_api, s3_bucket, tmp_path, monkeypa
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+def test_cli_launch_through_a_kubeconfig(fake_api, s3_bucket, tmp_path, monkeypatch):
+    output = f"s3://{s3_bucket}/runs/r2/pretrain"
+    payload = {"outputs": {"model": f"{output}/model"}, "metrics": {}, "run_id": None}
+    api = fake_api([CREATED, RUNNING, COMPLETE], on_get=_pod_writes_result(payload))
+    _use_kubeconfig(api, tmp_path, monkeypatch)
     args = ["launch", "pretrain", "--output", output, "--name", "pretrain-r2", "--poll", "0.01", "--cleanup", "never"]
     result = CliRunner().invoke(app, [*args, *(f"--input={k}={v}" for k, v in INPUTS.items())])
     assert result.exit_code == 0, result.output
@@ -513,3 +517,37 @@ def test_cli_launch_through_a_kubeconfig(fake_api, s3_bucket, tmp_path, monkeypa
     )
     assert "TrainJob kubeflow/pretrain-r2 complete" in result.stderr
     assert "DELETE" not in api.methods() and ("kubeflow", "pretrain-r2") in api.objects
+
+
+def test_pipeline_step_as_a_trainjob(fake_api, s3_bucket, tmp_path, monkeypatch):
+    """A pipeline compiled with `trainjobs` hands that step to a TrainJob: its task submits it (with the pipeline's
+    MLflow run as parent), follows it to Complete and passes the stage's outputs on as its own artifacts."""
+    from kfp import dsl
+
+    from llmfab.kubeflow.runtime import STORE_URI, run_component, write_run_context
+
+    run_store = f"s3://{s3_bucket}/llmfab/runs/r3"
+    payload = {"outputs": {"model": f"{run_store}/pretrain/model"}, "metrics": {"eval_loss": 4.5}, "run_id": "run-3"}
+    api = fake_api([CREATED, RUNNING, COMPLETE], on_get=_pod_writes_result(payload))
+    _use_kubeconfig(api, tmp_path, monkeypatch)
+    ins = {n: dsl.Dataset(name=n, uri=str(tmp_path / n), metadata={STORE_URI: u}) for n, u in INPUTS.items()}
+    model = dsl.Model(name="model", uri=str(tmp_path / "kfp" / "model"), metadata={})
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "kfp" / "metrics"))
+    pipeline_run = dsl.Artifact(name="pipeline_run", uri=str(tmp_path / "kfp" / "run"), metadata={})
+    write_run_context(pipeline_run, "parent-run", run_store)
+    launch = LaunchConfig(name="pretrain-r3", num_nodes=2, poll_s=0.01).model_dump_json(exclude_none=True)
+    uris = run_component(
+        "pretrain", recipe="llama31", preset="tiny", overrides=[], step_id="pretrain", variant="",
+        tracking_uri="http://mlflow.kubeflow:5000", experiment="nightly", pipeline_run=pipeline_run, inputs=ins,
+        list_inputs={}, outputs={"model": model}, metrics=metrics,
+        launch=launch,
+    )  # fmt: skip
+    assert uris == (payload["outputs"]["model"],) and model.metadata[STORE_URI] == payload["outputs"]["model"]
+    posted = api.requests[0][2]
+    env = {e["name"]: e.get("value") for e in posted["spec"]["trainer"]["env"]}
+    assert env["LLMFAB_PARENT_RUN_ID"] == "parent-run" and env["MLFLOW_EXPERIMENT_NAME"] == "nightly"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.kubeflow:5000"
+    assert posted["spec"]["trainer"]["numNodes"] == 2
+    args = posted["spec"]["trainer"]["args"]
+    assert args[args.index("--output") + 1] == f"{run_store}/pretrain"
+    assert "--set" in args and "seq_len=128" in args  # the recipe step's own config (llama31 tiny)

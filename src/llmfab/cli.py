@@ -310,6 +310,93 @@ def launch(
     typer.echo(json.dumps({"outputs": result.outputs, "metrics": result.metrics, "run_id": result.run_id}, indent=2))
 
 
+def _rule(text: str) -> dict:
+    """METRIC[:MARGIN[:lower]] -> a gate rule."""
+    metric, _, rest = text.partition(":")
+    margin, _, direction = rest.partition(":")
+    if not metric or direction not in ("", "higher", "lower"):
+        raise LlmfabError(f"--rule {text!r}: expected METRIC[:MARGIN[:higher|lower]], e.g. gold_reward:0.01")
+    try:
+        value = float(margin) if margin else 0.0
+    except ValueError:
+        raise LlmfabError(f"--rule {text!r}: margin {margin!r} is not a number") from None
+    return {"metric": metric, "margin": value, "higher_is_better": direction != "lower"}
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name, e.g. llmfab-qwen2")],
+    version: Annotated[
+        str | None, typer.Option(help="Version to promote (default: the holder of --from-alias)")
+    ] = None,
+    from_alias: Annotated[
+        str | None, typer.Option(help="Promote the version holding this alias (default: candidate)")
+    ] = None,
+    alias: Annotated[str, typer.Option(help="Alias to move onto the version")] = "champion",
+    gate: Annotated[
+        bool,
+        typer.Option(
+            "--gate/--force", help="--gate: only if it beats the alias's holder on the rules; --force: unconditionally"
+        ),
+    ] = True,
+    rule: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Gate rule METRIC:MARGIN, or METRIC:MARGIN:lower when lower is better; repeatable "
+            "(default: the rules the version was registered with)"
+        ),
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why, recorded on the version")] = "",
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Promote a registered model version to an alias (champion) by hand; prints the decision as JSON.
+
+    Exit code 0: promoted (or already there); 1: refused by the gate; 2: no such model, version or alias."""
+    from rich.markup import escape
+
+    from llmfab.registry import registry_client
+    from llmfab.registry.promotion import get_version, parse_rules, rules_from_tag, whoami
+    from llmfab.registry.promotion import promote as promote_version
+    from llmfab.stages.register import check_alias
+
+    try:
+        if version is not None and from_alias is not None:
+            raise LlmfabError("give --version or --from-alias, not both")
+        for value in (alias, from_alias):
+            if value is not None:
+                try:
+                    check_alias(value)
+                except ValueError as exc:
+                    raise LlmfabError(f"alias {exc}") from None
+        client = registry_client(tracking_uri)
+        mv = get_version(client, name, version, None if version is not None else (from_alias or "candidate"))
+        rules = parse_rules([_rule(r) for r in rule]) if rule else rules_from_tag(mv)
+        result = promote_version(
+            client,
+            name,
+            mv.version,
+            alias=alias,
+            rules=rules,
+            gate=gate,
+            by=f"{whoami()} (llmfab promote)",
+            reason=reason,
+        )
+    except LlmfabError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+    if result.status == "refused":
+        console.print(
+            f"[bold red]refused:[/] {escape(name)} v{result.version} stays off {alias!r}: "
+            + escape("; ".join(result.reasons)),
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    verb = "is already" if result.status == "unchanged" else "is now"
+    previous = f" (was v{result.previous})" if result.status == "promoted" and result.previous else ""
+    console.print(f"{name} v{result.version} {verb} {alias!r}{previous}", markup=False, highlight=False)
+
+
 @app.command()
 def stages() -> None:
     """List the stages with their inputs and outputs."""
@@ -417,6 +504,16 @@ def compile_pipelines(
     console.print(f"wrote {len(written)} files below {root}", highlight=False)
 
 
+def _trainjobs(steps: list[str] | None, nodes: int, gpus: int | None, cpu: str | None, memory: str | None):
+    """{step id: LaunchConfig} of `--trainjob STEP` options (one shape for all of them)."""
+    if not steps:
+        return None
+    from llmfab.kube.trainjob import LaunchConfig
+
+    launch = LaunchConfig(num_nodes=nodes, gpus_per_node=gpus, cpu=cpu, memory=memory)
+    return dict.fromkeys(steps, launch)
+
+
 @app.command()
 def submit(
     family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2 or llama31")],
@@ -441,6 +538,14 @@ def submit(
     registry: RegistryOpt = None,
     tag: TagOpt = None,
     set_: SetOpt = None,
+    trainjob: Annotated[
+        list[str] | None,
+        typer.Option(help="Run this training step as a Kubeflow TrainJob (multi-node); repeatable"),
+    ] = None,
+    nodes: Annotated[int, typer.Option(help="TrainJob steps: nodes")] = 1,
+    gpus: Annotated[int | None, typer.Option(help="TrainJob steps: GPUs per node")] = None,
+    cpu: Annotated[str | None, typer.Option(help="TrainJob steps: CPU per node, e.g. 16")] = None,
+    memory: Annotated[str | None, typer.Option(help="TrainJob steps: memory per node, e.g. 64Gi")] = None,
 ) -> None:
     """Upload a family's pipeline to a Kubeflow Pipelines server and start it (or schedule it)."""
     from llmfab.kubeflow.submit import submit as submit_pipeline
@@ -461,10 +566,56 @@ def submit(
             max_concurrency=max_concurrency,
             registry=registry,
             tag=tag,
+            trainjobs=_trainjobs(trainjob, nodes, gpus, cpu, memory),
         )
     except LlmfabError as exc:
         _fail(exc)
     typer.echo(json.dumps({"kind": done.kind, "id": done.id, "experiment_id": done.experiment_id, "name": done.name}))
+
+
+@app.command()
+def retrain(
+    family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2, llama31 or a recipe YAML")],
+    preset: Annotated[str, typer.Option(help="Recipe preset")] = "tiny",
+    host: Annotated[
+        str | None, typer.Option(help="KFP API server to submit to [default: run locally through kfp.local]")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retrain whatever the registry says")] = False,
+    max_age_days: Annotated[
+        float | None, typer.Option(help="Retrain when the champion is older than this (a schedule)")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="KFP: wait for the run's end, then report")] = True,
+    timeout: Annotated[float, typer.Option(help="KFP: seconds to wait")] = 24 * 3600.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only decide; run nothing")] = False,
+    store: StoreOpt = None,
+    tracking_uri: TrackingOpt = None,
+    experiment: ExperimentOpt = None,
+    run_name: Annotated[str | None, typer.Option(help="Pipeline run name")] = None,
+    namespace: Annotated[str | None, typer.Option(help="KFP namespace (multi-user installs)")] = None,
+    registry: RegistryOpt = None,
+    tag: TagOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Retrain when needed (forced, no champion, new data version, champion too old): run the family's pipeline
+    on KFP or locally; prints the decision and, after the run, the registry's candidate and champion as JSON.
+
+    Exit code 0: nothing to do, or the run ended (promoted or not); 2: bad input or the run failed."""
+    from llmfab.retrain import retrain as run_retrain
+
+    try:
+        outcome = run_retrain(
+            family, preset, overrides=set_ or [], host=host, force=force, max_age_days=max_age_days, wait=wait,
+            timeout_s=timeout, dry_run=dry_run, store=store, tracking_uri=tracking_uri, experiment=experiment,
+            run_name=run_name, namespace=namespace, registry=registry, tag=tag,
+        )  # fmt: skip
+    except LlmfabError as exc:
+        _fail(exc)
+    decision = outcome.decision
+    console.print(
+        f"{decision.model_name}: {'retrain' if decision.retrain else 'no retraining'}: {decision.reason}",
+        highlight=False,
+    )
+    typer.echo(json.dumps(outcome.to_dict(), indent=2))
 
 
 if __name__ == "__main__":

@@ -59,11 +59,16 @@ STAGE_GROUPS: dict[str, str] = {
     # Weight averaging is elementwise arithmetic over state dicts: memory-bound, no GPU needed.
     "average": "cpu",
     "merge": "cpu",
+    # Model registry: MLflow calls, hashing and (small models) one load + save: no GPU, no DeepSpeed.
+    "register": "cpu",
+    "promote": "cpu",
     # Compression: k-means over every weight matrix (GPU-fast at 3B) and gold-reward generation, no training.
     "compress": "train",
     # Sampling from models (and scoring with a reward model), no optimizer step.
     "synthesize_text": "train",
     "collect_preferences": "train",
+    # Evaluation: forward passes and generation on a GPU, no optimizer step.
+    "evaluate": "train",
     # Everything that runs the Trainer (TrainConfig.deepspeed may be set); rejection_sampling ends in SFT.
     "pretrain": "deepspeed",
     "distill": "deepspeed",

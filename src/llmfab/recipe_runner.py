@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from llmfab.config.recipe import Recipe, as_refs
+from llmfab.config.recipe import Recipe, as_refs, run_name_of
 from llmfab.errors import ConfigError
 from llmfab.stages.runner import StageResult, run_stage
 from llmfab.storage import open_store
@@ -50,35 +50,44 @@ def run_recipe(
     run_name = run_name or f"{recipe.family}-{recipe.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     store = open_store(store_uri).sub(f"runs/{run_name}")
     tracker = Tracker(tracking_uri, experiment)
-    tags = {
-        "llmfab.kind": "pipeline",
-        "llmfab.family": recipe.family,
-        "llmfab.preset": recipe.preset,
-        "llmfab.store": store.uri,
-    }
+    tags = recipe.run_tags(store.uri)
     with tracker.run(run_name, tags=tags) as parent:
         parent.log_params({"family": recipe.family, "preset": recipe.preset, "steps": [s.id for s in recipe.steps]})
         parent.log_dict(recipe.plan(), "recipe_plan.json")
         parent.log_system_info()
         result = PipelineResult(run_name, parent.run_id, store.uri)
-        outputs: dict[str, dict[str, str]] = {}
+        outputs: dict[str, dict[str, str | list[str]]] = {}
+        values: dict[str, dict[str, str]] = {}
         for step in recipe.steps:
             if only and step.id not in only and not _needed_by(step.id, only, recipe):
                 continue
+            if step.when and values.get(step.when.step, {}).get(step.when.value) != step.when.equals:
+                parent.set_tags({f"llmfab.skipped.{step.id}": f"{step.when} is false"})
+                continue
             inputs = {name: resolve_input(ref, outputs) for name, ref in step.inputs.items()}
-            res = run_stage(
-                step.stage,
-                step.config,
-                inputs,
-                step_id=step.id,
-                store=store.sub(step.id),
-                tracker=tracker,
-                parent_run_id=parent.run_id,
-                show_progress=show_progress,
-            )
-            outputs[step.id] = res.outputs
-            result.steps[step.id] = res
-            parent.log_metrics({f"{step.id}.{k}": v for k, v in res.metrics.items()})
+            runs = [(step.id, step.config)]  # (run name = store prefix, config)
+            if step.variants:
+                runs = [
+                    (run_name_of(step.id, item), cfg)
+                    for item, cfg in zip(step.variants, step.variant_configs, strict=True)
+                ]
+            for name, config in runs:
+                res = run_stage(
+                    step.stage,
+                    config,
+                    inputs,
+                    step_id=name,
+                    store=store.sub(name),
+                    tracker=tracker,
+                    parent_run_id=parent.run_id,
+                    show_progress=show_progress,
+                )
+                result.steps[name] = res
+                parent.log_metrics({f"{name}.{k}": v for k, v in res.metrics.items()})
+            if step.variants:  # a parallel step's outputs are lists, in item order (what dsl.Collected gives)
+                outputs[step.id] = {k: [result.steps[n].outputs[k] for n, _ in runs] for k in res.outputs}
+            else:
+                outputs[step.id], values[step.id] = res.outputs, res.values
         return result
 
 

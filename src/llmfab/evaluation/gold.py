@@ -13,12 +13,14 @@ from llmfab.data.tasks import TASKS, gold_reward
 from llmfab.errors import DataError
 
 
-def task_prompts(uri: str, kind: str, split: str = "test", limit: int | None = None) -> list[dict]:
+def task_prompts(
+    uri: str, kind: str, split: str = "test", limit: int | None = None, *, gold_only: bool = True
+) -> list[dict]:
     """{prompt, task, meta} of the records of a prompt, preference or chat dataset whose task has
-    a gold reward (a chat record's prompt is its last user turn)."""
+    a gold reward (with gold_only=False, of every record); a chat record's prompt is its last user turn."""
     out = []
     for record in iter_records(uri, kind, split):
-        if record.get("task") not in TASKS:
+        if gold_only and record.get("task") not in TASKS:
             continue
         if kind == "chat":
             users = [m for m in record["messages"] if m["role"] == "user"]
@@ -30,7 +32,7 @@ def task_prompts(uri: str, kind: str, split: str = "test", limit: int | None = N
         if limit and len(out) >= limit:
             break
     if not out:
-        raise DataError(f"{uri}: no records with a gold-reward task in split {split!r}")
+        raise DataError(f"{uri}: no records{' with a gold-reward task' if gold_only else ''} in split {split!r}")
     return out
 
 

@@ -7,8 +7,9 @@ import random
 
 import torch
 
+from llmfab.data.io import iter_records
 from llmfab.data.tasks import first_int
-from llmfab.errors import DataError
+from llmfab.errors import DataError, NoSplitError
 from llmfab.train.packing import IGNORE
 
 
@@ -39,6 +40,15 @@ def one_per_row(docs: list[list[int]], seq_len: int, pad_id: int) -> dict[str, t
 
 NEEDLE = "The secret number is {value}. "
 QUESTION = "\n\nWhat is the secret number?\n"
+
+
+def prose_filler(uri: str, split: str) -> list[str]:
+    """Haystack paragraphs: the `prose` records of text dataset `uri`'s split (else all its train text)."""
+    try:
+        texts = [r["text"] for r in iter_records(uri, "text", split) if r["source"] == "prose"]
+    except NoSplitError:
+        texts = []
+    return texts or [r["text"] for r in iter_records(uri, "text", "train")]
 
 
 def needle_example(tokenizer, length: int, depth: float, rng: random.Random, filler: list[str]):

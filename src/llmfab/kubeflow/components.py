@@ -1,7 +1,7 @@
 """One lightweight KFP component per registered stage, made from its @stage declaration.
 
-The component of stage `sft` is a Python function `sft(recipe, preset, overrides, step_id, store_uri,
-tracking_uri, experiment, parent_run_id, in_model: Input[Model], in_data: Input[Dataset], model: Output[Model],
+The component of stage `sft` is a Python function `sft(recipe, preset, overrides, step_id, variant, tracking_uri,
+experiment, pipeline_run: Input[Artifact], in_model: Input[Model], in_data: Input[Dataset], model: Output[Model],
 metrics: Output[Metrics], in_teacher: Input[Model] = None, ...) -> NamedTuple(model_uri: str)` whose body calls
 `llmfab.kubeflow.runtime.run_component`; its `base_image` is the stage's own image (llmfab.images), so the same
 definition runs under kfp.local's SubprocessRunner and in a pod. The function's source is generated here from
@@ -20,15 +20,11 @@ from functools import cache
 
 from llmfab.errors import ConfigError
 from llmfab.images import image_for
-from llmfab.stages.base import StageSpec, get_stage
+from llmfab.stages.base import LIST_INPUTS, StageSpec, get_stage
 
 # Inputs and outputs that are checkpoints (KFP type Model); every other one is a dataset (KFP type Dataset).
 MODEL_NAMES = frozenset(
     {"model", "init", "teacher", "reward_model", "reference", "base", "float_model", "tokenizer", "models", "committee"}
-)
-# (stage, input) pairs that take a list of checkpoints: List[str] of store URIs.
-LIST_INPUTS = frozenset(
-    {("average", "models"), ("merge", "models"), ("rejection_sampling", "committee"), ("collect_preferences", "models")}
 )
 # The parameters every stage component takes, in order (step config comes from the recipe preset by step id).
 COMMON_PARAMS = (
@@ -36,10 +32,12 @@ COMMON_PARAMS = (
     ("preset", "str"),
     ("overrides", "List[str]"),
     ("step_id", "str"),
-    ("store_uri", "str"),
+    ("variant", "str"),  # a parallel step's item as JSON ("" for a plain step)
     ("tracking_uri", "str"),
     ("experiment", "str"),
-    ("parent_run_id", "str"),
+    # open-run's artifact: the parent MLflow run and the run's store prefix, in its metadata. An artifact, not two
+    # parameters: kfp.local replaces every task-output parameter of a ParallelFor group with the loop item.
+    ("pipeline_run", "Input[Artifact]"),
 )
 METRICS_OUTPUT = "metrics"
 INPUT_PREFIX = "in_"
@@ -59,13 +57,21 @@ def uri_output(name: str) -> str:
     return f"{name}_uri"
 
 
+def launchable(stage: str) -> bool:
+    """Whether `stage` runs the Trainer, so that its component can hand it to a (multi-node) TrainJob."""
+    from llmfab.images import stage_group
+    from llmfab.kube.trainjob import TRAINER_IMAGE_GROUP
+
+    return stage_group(stage).name == TRAINER_IMAGE_GROUP
+
+
 def is_list_input(stage: str, name: str) -> bool:
     return (stage, name) in LIST_INPUTS
 
 
 def component_source(spec: StageSpec) -> str:
     """The Python source of stage `spec`'s component function."""
-    names = [*spec.inputs, *spec.optional_inputs, *spec.outputs, METRICS_OUTPUT]
+    names = [*spec.inputs, *spec.optional_inputs, *spec.outputs, *spec.values, METRICS_OUTPUT]
     for name in names:
         if not name.isidentifier() or keyword.iskeyword(name):
             raise ConfigError(f"stage {spec.name}: {name!r} cannot be a component parameter")
@@ -79,6 +85,8 @@ def component_source(spec: StageSpec) -> str:
         )
     required += [f"{name}: Output[{artifact_type(name)}]" for name in spec.outputs]
     required.append(f"{METRICS_OUTPUT}: Output[Metrics]")
+    if launchable(spec.name):
+        optional.append('launch: str = ""')  # a TrainJob's LaunchConfig as JSON: run there instead of here
     for name in spec.optional_inputs:
         optional.append(
             f"{input_param(name)}: List[str] = []"
@@ -89,7 +97,7 @@ def component_source(spec: StageSpec) -> str:
     artifacts = ", ".join(f'"{n}": {input_param(n)}' for n in all_inputs if not is_list_input(spec.name, n))
     lists = ", ".join(f'"{n}": {input_param(n)}' for n in all_inputs if is_list_input(spec.name, n))
     outputs = ", ".join(f'"{n}": {n}' for n in spec.outputs)
-    returns = ", ".join(f'("{uri_output(n)}", str)' for n in spec.outputs)
+    returns = ", ".join([*(f'("{uri_output(n)}", str)' for n in spec.outputs), *(f'("{n}", str)' for n in spec.values)])
     params = "".join(f"    {p},\n" for p in (*required, *optional))
     doc = (spec.doc or spec.name).replace('"""', "'''").replace("\\", "\\\\")
     return (
@@ -103,15 +111,16 @@ def component_source(spec: StageSpec) -> str:
         "        preset=preset,\n"
         "        overrides=overrides,\n"
         "        step_id=step_id,\n"
-        "        store_uri=store_uri,\n"
+        "        variant=variant,\n"
         "        tracking_uri=tracking_uri,\n"
         "        experiment=experiment,\n"
-        "        parent_run_id=parent_run_id,\n"
+        "        pipeline_run=pipeline_run,\n"
         f"        inputs={{{artifacts}}},\n"
         f"        list_inputs={{{lists}}},\n"
         f"        outputs={{{outputs}}},\n"
         f"        metrics={METRICS_OUTPUT},\n"
-        "    )\n"
+        + ("        launch=launch,\n" if launchable(spec.name) else "")
+        + "    )\n"
     )
 
 
@@ -143,18 +152,24 @@ def _stage_component(stage: str, image: str):
 
 
 OPEN_RUN_SOURCE = '''def open_run(
-    family: str,
+    recipe: str,
     preset: str,
+    overrides: List[str],
     store: str,
     tracking_uri: str,
     experiment: str,
     run_name: str,
     parent_run_id: str,
-) -> NamedTuple("Outputs", [("run_id", str), ("store_uri", str)]):
+    kfp_run_id: str,
+    pipeline_run: Output[Artifact],
+):
     """Open the pipeline's parent MLflow run (or adopt the given one); work out the run's store location."""
-    from llmfab.kubeflow.runtime import open_run as _open_run
+    from llmfab.kubeflow.runtime import open_run as _open_run, write_run_context
 
-    return _open_run(family, preset, store, tracking_uri, experiment, run_name, parent_run_id)
+    run_id, store_uri = _open_run(
+        recipe, preset, overrides, store, tracking_uri, experiment, run_name, parent_run_id, kfp_run_id
+    )
+    write_run_context(pipeline_run, run_id, store_uri)
 '''
 OPEN_RUN_STAGE = "prepare_data"  # open_run is tracking and storage only: it runs in a CPU-group image
 
@@ -168,4 +183,50 @@ def _open_run_component(image: str):
     from kfp import dsl
 
     fn = _define("open_run", OPEN_RUN_SOURCE)
+    return dsl.component(fn, base_image=image, packages_to_install=[])
+
+
+CLOSE_RUN_SOURCE = '''def close_run(
+    kfp_run_id: str,
+    adopted_run_id: str,
+    tracking_uri: str,
+    experiment: str,
+    status: PipelineTaskFinalStatus,
+):
+    """Exit task: end the pipeline's parent MLflow run with the pipeline's status; steps' metrics onto it."""
+    from llmfab.kubeflow.runtime import close_run as _close_run
+
+    _close_run(kfp_run_id, adopted_run_id, tracking_uri, experiment, status.state)
+'''
+
+
+def close_run_component(registry: str | None = None, tag: str | None = None):
+    return _close_run_component(image_for(OPEN_RUN_STAGE, registry, tag))
+
+
+@cache
+def _close_run_component(image: str):
+    from kfp import dsl
+
+    fn = _define("close_run", CLOSE_RUN_SOURCE)
+    return dsl.component(fn, base_image=image, packages_to_install=[])
+
+
+STEP_VALUE_SOURCE = '''def step_value(value: str) -> str:
+    """A stage's value (e.g. register's decision) as this task's single output, which a dsl.If tests."""
+    return value
+'''
+
+
+def step_value_component(registry: str | None = None, tag: str | None = None):
+    """A pass-through task before each condition: kfp.local's condition evaluator resolves only single-output
+    (`Output`) task channels, not a named output of a multi-output component (a cluster resolves both)."""
+    return _step_value_component(image_for(OPEN_RUN_STAGE, registry, tag))
+
+
+@cache
+def _step_value_component(image: str):
+    from kfp import dsl
+
+    fn = _define("step_value", STEP_VALUE_SOURCE)
     return dsl.component(fn, base_image=image, packages_to_install=[])

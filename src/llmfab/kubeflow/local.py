@@ -14,6 +14,7 @@ from pathlib import Path
 from llmfab.config.recipe import load_recipe
 from llmfab.storage import open_store
 from llmfab.tracking import Tracker
+from llmfab.tracking.mlflow_tracker import copy_child_metrics
 
 
 @dataclass
@@ -71,20 +72,15 @@ def run_local(
             str(Path(run_store.uri[len("file://") :]) / "kfp") if run_store.uri.startswith("file://") else None
         )
     pipeline_root = str(Path(pipeline_root or "local_outputs").resolve())
-    tags = {
-        "llmfab.kind": "pipeline",
-        "llmfab.family": recipe.family,
-        "llmfab.preset": preset,
-        "llmfab.store": run_store.uri,
-        "llmfab.runner": "kfp-local",
-    }
+    tags = {**recipe.run_tags(run_store.uri), "llmfab.runner": "kfp-local"}
     start = time.time()
     with tracker.run(run_name, tags=tags) as parent:
         parent.log_params({"family": recipe.family, "preset": preset, "steps": [s.id for s in recipe.steps]})
         parent.log_dict(recipe.plan(), "recipe_plan.json")
         parent.log_system_info()
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
-        pipeline = build_pipeline(recipe_ref, preset=preset)
+        # One run at a time: the runs of a parallel step would share this machine's cores (each sized for all).
+        pipeline = build_pipeline(recipe_ref, preset=preset, loop_parallelism=1)
         pipeline(
             preset=preset,
             overrides=list(overrides or []),
@@ -95,13 +91,11 @@ def run_local(
             parent_run_id=parent.run_id,
         )
         result = LocalPipelineResult(run_name, parent.run_id, run_store.uri, pipeline_root, time.time() - start)
-        order = {s.id: i for i, s in enumerate(recipe.steps)}
-        for run in sorted(tracker.child_runs(parent.run_id), key=lambda r: order.get(r.info.run_name, len(order))):
+        for run in sorted(copy_child_metrics(tracker, parent.run_id), key=lambda r: r.info.start_time):
             info = run.info
             outputs = {
                 k[len("llmfab.output.") :]: v for k, v in run.data.tags.items() if k.startswith("llmfab.output.")
             }
             seconds = ((info.end_time or info.start_time) - info.start_time) / 1000
             result.steps[info.run_name] = StepRun(info.run_name, info.run_id, seconds, outputs, info.status)
-            parent.log_metrics({f"{info.run_name}.{k}": v for k, v in run.data.metrics.items()})
     return result

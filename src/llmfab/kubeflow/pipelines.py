@@ -16,6 +16,7 @@ only; GPU-group stages (llmfab.images: train, deepspeed) also get an accelerator
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,17 @@ from llmfab.errors import ConfigError
 from llmfab.images import stage_group
 from llmfab.kube.trainjob import MLFLOW_KEYS, MLFLOW_SECRET, S3_KEYS, S3_SECRET
 from llmfab.kubeflow.components import (
+    artifact_type,
+    close_run_component,
     input_param,
     is_list_input,
+    launchable,
     open_run_component,
     stage_component,
+    step_value_component,
     uri_output,
 )
+from llmfab.kubeflow.runtime import STORE_URI
 
 PIPELINE_PREFIX = "llmfab-"
 ENV_CONFIG_MAP = "llmfab-env"  # manifests/base/runner (+ overlays: the store and the S3 endpoint)
@@ -79,6 +85,56 @@ def _apply_kubernetes(task, stage: str | None, settings: KubernetesSettings) -> 
             kubernetes.add_node_selector(task, label_key=label, label_value=value)
 
 
+def _step_arguments(step, tasks: dict, family: str) -> dict:
+    """The component arguments of `step`'s inputs: artifacts of earlier tasks, store URIs for list inputs (a
+    parallel producer's collected), importer artifacts for URIs written in the recipe."""
+    from kfp import dsl
+
+    args: dict = {}
+    for name, refs in step.inputs.items():
+        if is_list_input(step.stage, name):
+            if isinstance(refs, str) and not _is_uri(refs) and tasks[refs.partition(".")[0]].parallel:
+                src, _, out = refs.partition(".")
+                args[input_param(name)] = dsl.Collected(tasks[src].task.outputs[uri_output(out)])
+            else:
+                args[input_param(name)] = [
+                    r if _is_uri(r) else tasks[r.partition(".")[0]].task.outputs[uri_output(r.partition(".")[2])]
+                    for r in as_refs(refs)
+                ]
+        elif isinstance(refs, list):
+            raise ConfigError(f"{family} step {step.id}: input {name} of stage {step.stage} takes one step")
+        elif _is_uri(refs):
+            imported = dsl.importer(
+                artifact_uri=refs, artifact_class=getattr(dsl, artifact_type(name)), metadata={STORE_URI: refs}
+            )
+            imported.set_display_name(f"{step.id}-{name}")
+            args[input_param(name)] = imported.output
+        else:
+            src, _, out = refs.partition(".")
+            args[input_param(name)] = tasks[src].task.outputs[out]
+    return args
+
+
+@dataclass
+class _Placed:
+    task: object
+    parallel: bool
+
+    @property
+    def outputs(self):
+        return self.task.outputs
+
+
+def _step_task(component, step, item, args: dict, common: dict, settings: KubernetesSettings, launch) -> _Placed:
+    extra = {"launch": launch.model_dump_json(exclude_none=True)} if launch is not None else {}
+    task = component(step_id=step.id, variant=item if item is not None else "", **common, **args, **extra)
+    task.set_display_name(step.id)
+    task.set_caching_options(False)  # every run is its own MLflow runs and checkpoints
+    # A TrainJob's pods get the GPUs; the task that submits and follows it needs none.
+    _apply_kubernetes(task, step.stage if launch is None else None, settings)
+    return _Placed(task, item is not None)
+
+
 def build_pipeline(
     family: str,
     *,
@@ -86,16 +142,29 @@ def build_pipeline(
     registry: str | None = None,
     tag: str | None = None,
     kubernetes: KubernetesSettings | None = None,
+    trainjobs: dict | None = None,
+    loop_parallelism: int | None = None,
 ):
     """The KFP pipeline of `family`: a packaged family (the components load the same recipe in their image), or a
-    recipe YAML path that the components can read (a local run). `preset` is the parameter's default."""
+    recipe YAML path that the components can read (a local run). `preset` is the parameter's default.
+    `trainjobs` maps step ids of training stages to a LaunchConfig: those steps run as TrainJobs (multi-node).
+    `loop_parallelism` caps the concurrent runs of a parallel step (None: all at once, as a cluster schedules)."""
     from kfp import dsl
 
     recipe: Recipe = load_recipe(family, preset)  # the steps and their wiring (the same in every preset)
     family_name = recipe.family
     settings = kubernetes or KubernetesSettings()
+    trainjobs = dict(trainjobs or {})
+    for step_id in trainjobs:
+        matching = [s for s in recipe.steps if s.id == step_id]
+        if not matching:
+            raise ConfigError(f"trainjob {step_id!r}: no such step; steps: {', '.join(s.id for s in recipe.steps)}")
+        if not launchable(matching[0].stage):
+            raise ConfigError(f"trainjob {step_id!r}: stage {matching[0].stage} does not train; it runs in its task")
     components = {s.stage: stage_component(s.stage, registry, tag) for s in recipe.steps}
     open_run_op = open_run_component(registry, tag)
+    close_run_op = close_run_component(registry, tag)
+    step_value_op = step_value_component(registry, tag)
     description = f"llmfab {recipe.family}: {recipe.description}".strip()[:1000]
 
     def pipeline(
@@ -107,53 +176,67 @@ def build_pipeline(
         run_name: str = "",
         parent_run_id: str = "",
     ):
-        opened = open_run_op(
-            family=family_name,
-            preset=preset,
-            store=store,
+        # The exit task ends the parent MLflow run with the pipeline's own status (FAILED when a step failed) and
+        # copies each step's final metrics onto it; it finds the run by this KFP run's id (an exit task may
+        # depend on no task). A local run's parent (`parent_run_id`) is the CLI's to end.
+        closing = close_run_op(
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            adopted_run_id=parent_run_id,
             tracking_uri=tracking_uri,
             experiment=experiment,
-            run_name=run_name,
-            parent_run_id=parent_run_id,
         )
-        opened.set_display_name("open-run")
-        opened.set_caching_options(False)
-        _apply_kubernetes(opened, None, settings)
-        tasks: dict = {}
-        for step in recipe.steps:
-            args: dict = {}
-            for name, refs in step.inputs.items():
-                if any(_is_uri(r) for r in as_refs(refs)):
-                    raise ConfigError(
-                        f"{family_name} step {step.id}: input {name}={refs!r}: a pipeline wires step outputs only "
-                        "(give data through the recipe's steps)"
-                    )
-                if is_list_input(step.stage, name):
-                    args[input_param(name)] = [
-                        tasks[r.partition(".")[0]].outputs[uri_output(r.partition(".")[2])] for r in as_refs(refs)
-                    ]
-                elif isinstance(refs, list):
-                    raise ConfigError(
-                        f"{family_name} step {step.id}: input {name} of stage {step.stage} takes one step"
-                    )
-                else:
-                    src, _, out = refs.partition(".")
-                    args[input_param(name)] = tasks[src].outputs[out]
-            task = components[step.stage](
+        closing.set_display_name("close-run")
+        closing.set_caching_options(False)
+        _apply_kubernetes(closing, None, settings)
+        with dsl.ExitHandler(closing, name="steps"):
+            opened = open_run_op(
                 recipe=family,
                 preset=preset,
                 overrides=overrides,
-                step_id=step.id,
-                store_uri=opened.outputs["store_uri"],
+                store=store,
                 tracking_uri=tracking_uri,
                 experiment=experiment,
-                parent_run_id=opened.outputs["run_id"],
-                **args,
+                run_name=run_name,
+                parent_run_id=parent_run_id,
+                kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             )
-            task.set_display_name(step.id)
-            task.set_caching_options(False)  # every run is its own MLflow runs and checkpoints
-            _apply_kubernetes(task, step.stage, settings)
-            tasks[step.id] = task
+            opened.set_display_name("open-run")
+            opened.set_caching_options(False)
+            _apply_kubernetes(opened, None, settings)
+            tasks: dict = {}
+            values: dict = {}  # (step, value) -> its step-value task
+            common = dict(
+                recipe=family,
+                preset=preset,
+                overrides=overrides,
+                tracking_uri=tracking_uri,
+                experiment=experiment,
+                pipeline_run=opened.outputs["pipeline_run"],
+            )
+            for step in recipe.steps:
+                args = _step_arguments(step, tasks, family_name)
+                if step.when:
+                    key = (step.when.step, step.when.value)
+                    if key not in values:
+                        values[key] = step_value_op(value=tasks[step.when.step].outputs[step.when.value])
+                        values[key].set_display_name(f"{step.when.step}-{step.when.value}")
+                        values[key].set_caching_options(False)
+                        _apply_kubernetes(values[key], None, settings)
+                    condition = values[key].output == step.when.equals
+                    with dsl.If(condition, name=f"{step.id}-condition"):
+                        tasks[step.id] = _step_task(
+                            components[step.stage], step, None, args, common, settings, trainjobs.get(step.id)
+                        )
+                elif step.variants:
+                    items = [json.dumps(item, sort_keys=True) for item in step.variants]
+                    with dsl.ParallelFor(items, parallelism=loop_parallelism or 0, name=f"{step.id}-loop") as item:
+                        tasks[step.id] = _step_task(
+                            components[step.stage], step, item, args, common, settings, trainjobs.get(step.id)
+                        )
+                else:
+                    tasks[step.id] = _step_task(
+                        components[step.stage], step, None, args, common, settings, trainjobs.get(step.id)
+                    )
 
     pipeline.__name__ = family_name
     return dsl.pipeline(name=f"{PIPELINE_PREFIX}{family_name}", description=description)(pipeline)
@@ -193,7 +276,8 @@ def component_readme(stage: str, registry: str | None = None, tag: str | None = 
         "(the KFP component spec): do not edit.",
         "",
         "Parameters: `recipe`, `preset`, `overrides` (the step's config is the recipe preset's), `step_id`, "
-        "`store_uri`, `tracking_uri`, `experiment`, `parent_run_id`.",
+        "`variant`, `tracking_uri`, `experiment`; input `pipeline_run` (open-run's artifact: the parent MLflow run "
+        "and the run's store prefix).",
         "",
         "| input | KFP type | required | what |",
         "| --- | --- | --- | --- |",

@@ -16,6 +16,7 @@ from typing import Any
 from llmfab.errors import LlmfabError
 
 STORE_URI = "store_uri"  # the artifact metadata key that holds the object-store URI
+KFP_RUN_TAG = "llmfab.kfp_run_id"  # on a pipeline's parent MLflow run: the KFP run it belongs to
 
 
 def artifact_uri(name: str, artifact: Any) -> str:
@@ -38,30 +39,91 @@ def write_pointer(artifact: Any, uri: str, **metadata: str) -> None:
     path.write_text(json.dumps({STORE_URI: uri, **metadata}), encoding="utf-8")
 
 
+RUN_ID, RUN_STORE = "run_id", "store_uri"  # open-run's artifact metadata: what every step task needs of the run
+
+
+def write_run_context(artifact: Any, run_id: str, store_uri: str) -> None:
+    """open-run's output artifact: the parent MLflow run and the run's store prefix, for every step task."""
+    artifact.metadata.update({RUN_ID: run_id, RUN_STORE: store_uri})
+    path = Path(artifact.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({RUN_ID: run_id, RUN_STORE: store_uri}), encoding="utf-8")
+
+
+def run_context(artifact: Any) -> tuple[str, str]:
+    """(parent MLflow run id, run store URI) from open-run's artifact."""
+    metadata = getattr(artifact, "metadata", None) or {}
+    if not metadata.get(RUN_STORE):
+        raise LlmfabError(f"pipeline_run artifact {getattr(artifact, 'uri', artifact)!r} has no {RUN_STORE!r}")
+    return str(metadata.get(RUN_ID) or ""), str(metadata[RUN_STORE])
+
+
 def open_run(
-    family: str,
+    recipe: str,
     preset: str,
+    overrides: list[str],
     store: str,
     tracking_uri: str,
     experiment: str,
     run_name: str,
     parent_run_id: str,
+    kfp_run_id: str = "",
 ) -> tuple[str, str]:
     """(parent MLflow run id, this run's store URI). With `parent_run_id` given (a local run, whose CLI holds the
     parent run open), only the store location is worked out; else a parent run is created and tagged."""
+    from llmfab.config.recipe import load_recipe
     from llmfab.storage import open_store
-    from llmfab.tracking import Tracker
+    from llmfab.tracking import TrackedRun, Tracker
 
-    run_name = run_name or f"{family}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    loaded = load_recipe(recipe, preset, list(overrides or []))
+    run_name = run_name or f"{loaded.family}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_store = open_store(store or None).sub(f"runs/{run_name}")
     if parent_run_id:
         return parent_run_id, run_store.uri
     tracker = Tracker(tracking_uri or None, experiment or None)
-    tags = {"llmfab.kind": "pipeline", "llmfab.family": family, "llmfab.preset": preset, "llmfab.store": run_store.uri}
-    with tracker.run(run_name, tags=tags) as parent:
-        parent.log_params({"family": family, "preset": preset})
-        parent.log_system_info()
+    tags = {"mlflow.runName": run_name, **loaded.run_tags(run_store.uri), KFP_RUN_TAG: kfp_run_id}
+    # Left RUNNING: the pipeline's exit task (close_run) ends it with the pipeline's status.
+    created = tracker.client.create_run(tracker.experiment_id, run_name=run_name, tags=tags)
+    parent = TrackedRun(tracker.client, created.info.run_id, tracker.experiment_id)
+    parent.log_params({"family": loaded.family, "preset": preset, "overrides": list(overrides or [])})
+    parent.log_dict(loaded.plan(), "recipe_plan.json")
+    parent.log_system_info()
     return parent.run_id, run_store.uri
+
+
+def close_run(kfp_run_id: str, adopted_run_id: str, tracking_uri: str, experiment: str, state: str) -> None:
+    """End the parent run that open_run opened for KFP run `kfp_run_id`: FINISHED when the pipeline SUCCEEDED,
+    else FAILED, with every nested step's final metrics on it as `STEP.METRIC`. A run the caller adopted
+    (`llmfab run` holds it open and ends it) is left to the caller."""
+    from llmfab.tracking import Tracker
+    from llmfab.tracking.mlflow_tracker import copy_child_metrics
+
+    if adopted_run_id:
+        return
+    tracker = Tracker(tracking_uri or None, experiment or None)
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'")
+    if not runs:
+        raise LlmfabError(f"no MLflow run tagged {KFP_RUN_TAG}={kfp_run_id} (did open-run fail?)")
+    for run in runs:
+        copy_child_metrics(tracker, run.info.run_id)
+        tracker.client.set_terminated(run.info.run_id, status="FINISHED" if state == "SUCCEEDED" else "FAILED")
+
+
+def _launch(stage, config, inputs, output: str, launch: str, tracking_uri, experiment, parent_run_id):
+    """Run the stage as a TrainJob (its ranks in their own pods, rank 0 tracking under the pipeline's run)."""
+    from llmfab.kube.trainjob import LaunchConfig, launch_stage
+    from llmfab.stages.runner import StageResult
+
+    cfg = LaunchConfig.model_validate_json(launch)
+    cfg = cfg.model_copy(
+        update={
+            "tracking_uri": cfg.tracking_uri or tracking_uri or None,
+            "experiment": cfg.experiment or experiment or None,
+            "parent_run_id": parent_run_id or cfg.parent_run_id,
+        }
+    )
+    result = launch_stage(stage, config, inputs, output=output, launch=cfg, on_status=lambda s: print(s, flush=True))
+    return StageResult(result.outputs, result.metrics, result.run_id, result.seconds)
 
 
 def run_component(
@@ -71,21 +133,25 @@ def run_component(
     preset: str,
     overrides: list[str],
     step_id: str,
-    store_uri: str,
+    variant: str,
     tracking_uri: str,
     experiment: str,
-    parent_run_id: str,
+    pipeline_run: Any,
     inputs: dict[str, Any],
     list_inputs: dict[str, list[str]],
     outputs: dict[str, Any],
     metrics: Any,
+    launch: str = "",
 ) -> tuple[str, ...]:
-    """Run recipe step `step_id` (its config from the recipe preset) as a nested MLflow run; fill the outputs."""
-    from llmfab.config.recipe import load_recipe
+    """Run recipe step `step_id` (its config from the recipe preset; one item of it for a parallel step) as a nested
+    MLflow run; fill the outputs. Returns the outputs' URIs, then the stage's values. With `launch` (a
+    LaunchConfig as JSON) the stage runs as a Kubeflow TrainJob that this task submits and follows to its end."""
+    from llmfab.config.recipe import load_recipe, run_name_of
     from llmfab.stages.runner import run_stage
     from llmfab.storage import open_store
     from llmfab.tracking import Tracker
 
+    parent_run_id, store_uri = run_context(pipeline_run)
     step = load_recipe(recipe, preset, list(overrides or [])).step(step_id)
     if step.stage != stage:
         raise LlmfabError(f"step {step_id} of recipe {recipe} is stage {step.stage}, not {stage}")
@@ -93,20 +159,25 @@ def run_component(
         name: artifact_uri(name, art) for name, art in inputs.items() if art is not None
     }
     resolved.update({name: [str(u) for u in uris] for name, uris in list_inputs.items() if uris})
-    tracker = Tracker(tracking_uri or None, experiment or None)
-    result = run_stage(
-        stage,
-        step.config,
-        resolved,
-        step_id=step_id,
-        store=open_store(store_uri).sub(step_id),
-        tracker=tracker,
-        parent_run_id=parent_run_id or None,
-        show_progress=False,
-    )
+    item = json.loads(variant) if variant else None
+    prefix = run_name_of(step_id, item)
+    if launch:
+        result = _launch(stage, step.config_for(item), resolved, open_store(store_uri).sub(prefix).uri, launch,
+                         tracking_uri, experiment, parent_run_id)  # fmt: skip
+    else:
+        result = run_stage(
+            stage,
+            step.config_for(item),
+            resolved,
+            step_id=prefix,
+            store=open_store(store_uri).sub(prefix),
+            tracker=Tracker(tracking_uri or None, experiment or None),
+            parent_run_id=parent_run_id or None,
+            show_progress=False,
+        )
     for name, artifact in outputs.items():
         write_pointer(artifact, result.outputs[name], stage=stage, step=step_id, mlflow_run_id=result.run_id or "")
     for key, value in sorted(result.metrics.items()):
         if isinstance(value, (int, float)) and math.isfinite(value):
             metrics.log_metric(key, float(value))
-    return tuple(result.outputs[name] for name in outputs)
+    return (*(result.outputs[name] for name in outputs), *result.values.values())

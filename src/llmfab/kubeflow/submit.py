@@ -66,6 +66,7 @@ def submit(
     max_concurrency: int = 1,
     registry: str | None = None,
     tag: str | None = None,
+    trainjobs: dict | None = None,
     client=None,
 ) -> Submitted:
     """Compile `family`'s pipeline and create a run (or, with `schedule`, a recurring run) on the KFP at `host`."""
@@ -78,7 +79,7 @@ def submit(
     name = run_name or f"{recipe.family}-{preset}"
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(
-            family, Path(tmp) / f"{recipe.family}.yaml", preset=preset, registry=registry, tag=tag
+            family, Path(tmp) / f"{recipe.family}.yaml", preset=preset, registry=registry, tag=tag, trainjobs=trainjobs
         )
         try:
             if client is None:

@@ -37,6 +37,7 @@ class StageSpec:
     inputs: dict[str, str]
     outputs: dict[str, str]
     optional_inputs: dict[str, str] = field(default_factory=dict)
+    values: dict[str, str] = field(default_factory=dict)  # short string results (e.g. a gate's decision)
 
     @property
     def doc(self) -> str:
@@ -62,6 +63,10 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {}
+# (stage, input) pairs that take a list of checkpoints (the outputs of a parallel step, or of several steps).
+LIST_INPUTS = frozenset(
+    {("average", "models"), ("merge", "models"), ("rejection_sampling", "committee"), ("collect_preferences", "models")}
+)
 
 
 def stage(
@@ -71,13 +76,17 @@ def stage(
     inputs: dict[str, str] | None = None,
     outputs: dict[str, str] | None = None,
     optional_inputs: dict[str, str] | None = None,
+    values: dict[str, str] | None = None,
 ):
-    """Register a stage function under `name`."""
+    """Register a stage function under `name`. It returns its outputs (name -> URI) and, in the same dict, its
+    `values`: short strings a pipeline can branch on (KFP output parameters, `when:` in a recipe)."""
 
     def register(fn):
         if name in STAGES and STAGES[name].fn is not fn:
             raise RuntimeError(f"stage {name!r} registered twice")
-        STAGES[name] = StageSpec(name, config, fn, dict(inputs or {}), dict(outputs or {}), dict(optional_inputs or {}))
+        STAGES[name] = StageSpec(
+            name, config, fn, dict(inputs or {}), dict(outputs or {}), dict(optional_inputs or {}), dict(values or {})
+        )
         fn.spec = STAGES[name]
         return fn
 
@@ -120,6 +129,7 @@ class StageContext:
     metrics: dict[str, float] = field(default_factory=dict)
     show_progress: bool = True
     prefix: str = ""  # prepended to metric names (a phase of a multi-phase stage)
+    parent_run_id: str | None = None  # the pipeline's MLflow run, when the stage runs inside one
 
     def output(self, name: str) -> ObjectStore:
         """Where output `name` is written: a prefix below this step's location."""
@@ -128,7 +138,13 @@ class StageContext:
     def child(self, name: str) -> StageContext:
         """A phase of this stage: its own store prefix (checkpoints), metrics named `name.*`."""
         return StageContext(
-            self.step_id, self.store.sub(name), self.run, self.metrics, self.show_progress, f"{self.prefix}{name}."
+            self.step_id,
+            self.store.sub(name),
+            self.run,
+            self.metrics,
+            self.show_progress,
+            f"{self.prefix}{name}.",
+            self.parent_run_id,
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -13,9 +13,14 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from llmfab.data.io import iter_records
-from llmfab.errors import DataError, LlmfabError, NoSplitError
-from llmfab.evaluation.long_context import continuous_rows, needle_eval, needle_training_docs, one_per_row
+from llmfab.errors import DataError, LlmfabError
+from llmfab.evaluation.long_context import (
+    continuous_rows,
+    needle_eval,
+    needle_training_docs,
+    one_per_row,
+    prose_filler,
+)
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.rope import rope_theta, with_rope
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -86,14 +91,6 @@ def _training_rows(tokenizer, docs, long_docs, filler, length: int, n_rows: int,
     return {k: v[order] for k, v in rows.items()}
 
 
-def _prose(uri: str, split: str) -> list[str]:
-    try:
-        texts = [r["text"] for r in iter_records(uri, "text", split) if r["source"] == "prose"]
-    except NoSplitError:
-        texts = []
-    return texts or [r["text"] for r in iter_records(uri, "text", "train")]
-
-
 def _passes(value: float, config: ExtendContextConfig) -> bool:
     if config.gate_metric == "needle_nll":
         return value <= config.needle_threshold
@@ -138,8 +135,8 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
     random.Random(config.seed).shuffle(train_docs)
     random.Random(config.seed + 1).shuffle(held_out)
     # Needle haystacks are prose: training ones from the train split, evaluation ones held out.
-    train_filler = _prose(inputs["corpus"], "train")
-    eval_filler = _prose(inputs["corpus"], "test")
+    train_filler = prose_filler(inputs["corpus"], "train")
+    eval_filler = prose_filler(inputs["corpus"], "test")
     long_docs = (
         [d for docs in load_corpus(inputs["long_data"], tokenizer, "train").values() for d in docs]
         if "long_data" in inputs

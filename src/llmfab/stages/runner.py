@@ -22,6 +22,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     seconds: float = 0.0
+    values: dict[str, str] = field(default_factory=dict)
 
 
 def default_output_store(step_id: str, root: ObjectStore | None = None) -> ObjectStore:
@@ -54,7 +55,9 @@ def run_stage(
     start = time.time()
 
     def call(run) -> StageResult:
-        ctx = StageContext(step_id=step_id, store=store, run=run, show_progress=show_progress)
+        ctx = StageContext(
+            step_id=step_id, store=store, run=run, show_progress=show_progress, parent_run_id=parent_run_id
+        )
         if run is not None:
             run.log_params(cfg.model_dump(mode="json"))
             run.set_tags(
@@ -66,15 +69,20 @@ def run_stage(
                 }
             )
             run.log_system_info()
-        outputs = spec.fn(cfg, inputs, ctx) or {}
-        missing = sorted(set(spec.outputs) - set(outputs))
+        returned = spec.fn(cfg, inputs, ctx) or {}
+        missing = sorted((set(spec.outputs) | set(spec.values)) - set(returned))
         if missing:
             raise LlmfabError(f"stage {stage} did not produce output(s) {', '.join(missing)}")
+        outputs = {k: v for k, v in returned.items() if k not in spec.values}
+        values = {k: str(returned[k]) for k in spec.values}
         if run is not None:
             for name, uri in outputs.items():
                 run.link_artifact(name, uri)
+            if values:
+                run.set_tags({f"llmfab.value.{k}": v for k, v in values.items()})
             run.log_metrics({"stage_seconds": time.time() - start})
-        return StageResult(dict(outputs), dict(ctx.metrics), run.run_id if run else None, time.time() - start)
+        seconds = time.time() - start
+        return StageResult(dict(outputs), dict(ctx.metrics), run.run_id if run else None, seconds, values)
 
     log.info("stage %s (%s) -> %s", step_id, stage, store.uri)
     if not track:

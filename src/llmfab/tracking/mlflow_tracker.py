@@ -168,4 +168,14 @@ class Tracker:
         )
 
 
+def copy_child_metrics(tracker: Tracker, parent_run_id: str) -> list:
+    """Each nested run's final metrics onto the parent as `RUN_NAME.METRIC` (one place to compare steps);
+    returns the nested runs."""
+    children = tracker.child_runs(parent_run_id)
+    parent = TrackedRun(tracker.client, parent_run_id, tracker.experiment_id)
+    for run in children:
+        parent.log_metrics({f"{run.info.run_name}.{k}": v for k, v in run.data.metrics.items()})
+    return children
+
+
 __all__ = ["PARENT_RUN_ENV", "TrackedRun", "Tracker", "system_info", "tracking_uri"]

@@ -64,6 +64,15 @@ def batched_sequence_logps(model, rows: Rows, batch_size: int = 32) -> torch.Ten
     return torch.cat(out)
 
 
+def response_rows(encoded: list[tuple[list[int], list[int]]], pad_token_id: int) -> Rows:
+    """(ids, response mask) pairs from encode_response as right-padded rows, with each row's length."""
+    return {
+        "input_ids": pad_right([ids for ids, _ in encoded], pad_token_id),
+        "mask": pad_right([mask for _, mask in encoded], 0),
+        "length": torch.tensor([len(ids) for ids, _ in encoded]),
+    }
+
+
 def trim(batch: Rows) -> Rows:
     """Drop padding columns past the longest row of this batch."""
     end = int(batch["length"].max())
@@ -94,11 +103,7 @@ def sample_rollout(
                 f"prompt {records[j // k].get('id', j // k)!r} is {prompt_len} tokens; with its answer it exceeds "
                 f"max_len={config.max_len} (raise max_len or drop long prompts)"
             )
-    rows = {
-        "input_ids": pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id),
-        "mask": pad_right([mask for _, mask in encoded], 0),
-        "length": torch.tensor([len(ids) for ids, _ in encoded]),
-    }
+    rows = response_rows(encoded, tokenizer.pad_token_id)
     old = batched_sequence_logps(policy, rows)
     policy.train(was_training)
     anchor_logps = batched_sequence_logps(anchor, rows)

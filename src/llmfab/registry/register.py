@@ -1,0 +1,187 @@
+"""Register a checkpoint as a version of an MLflow registered model, at most once per content.
+
+Small models are logged with MLflow's transformers flavour (a self-contained artifact: `mlflow.transformers.
+load_model("models:/NAME@champion")` works anywhere); large ones are registered by their object-store URI as
+`source`, so the registry points at the checkpoint instead of copying its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from llmfab.errors import LlmfabError
+from llmfab.registry.lineage import checkpoint_hash
+from llmfab.storage import open_store
+from llmfab.storage.checkpoint import read_manifest
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_TAG = "llmfab.fingerprint"
+FORMAT_TAG = "llmfab.registration"  # transformers | uri
+LOAD_TAG = "llmfab.load"
+PARAMETERS_TAG = "llmfab.parameters"
+METRIC_TAG = "llmfab.metric."
+MODES = ("auto", "transformers", "uri")
+ARTIFACT_PATH = "model"
+_BYTES = {"float32": 4, "float": 4, "float64": 8, "float16": 2, "half": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+
+
+class RegistryError(LlmfabError):
+    """A registered model, version or alias is missing, or a registration cannot be done."""
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    source: str
+    format: str  # transformers | uri
+    created: bool  # False: an equal version already existed and was reused
+    fingerprint: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def fingerprint(name: str, model_uri: str) -> str:
+    """The registration's identity: the model name and the checkpoint's content (not where it is stored, nor when
+    it was written), so re-running a pipeline that reproduces the same weights finds the version it made before."""
+    content = checkpoint_hash(read_manifest(open_store(model_uri)))
+    return hashlib.sha256(f"{name}\0{content}".encode()).hexdigest()
+
+
+def checkpoint_dtype(model_uri: str) -> str:
+    """The dtype config.json records (float32 when it says nothing)."""
+    store = open_store(model_uri)
+    if not store.exists("config.json"):
+        return "float32"
+    config = json.loads(store.get_text("config.json"))
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+
+
+def estimate_parameters(model_uri: str) -> int:
+    """Parameter count from the manifest's weight-file sizes and config.json's dtype: no weights are read."""
+    files = read_manifest(open_store(model_uri))["files"]
+    weight_bytes = sum(e["size"] for n, e in files.items() if n.endswith((".safetensors", ".bin", ".pt")))
+    return weight_bytes // _BYTES.get(checkpoint_dtype(model_uri), 4)
+
+
+def find_version(client, name: str, fp: str):
+    """The version of `name` already registered with fingerprint `fp`, or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{FINGERPRINT_TAG}` = '{fp}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def ensure_registered_model(client, name: str, description: str | None = None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=description)
+        except MlflowException:  # created concurrently
+            client.get_registered_model(name)
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed (the CPU wheel's `+cpu` local tag dropped): MLflow's inference of them would
+    import torchvision."""
+    reqs = []
+    for pkg in ("torch", "transformers", "tokenizers", "safetensors", "accelerate"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def choose_mode(mode: str, model_uri: str, max_flavor_parameters: int) -> tuple[str, int]:
+    if mode not in MODES:
+        raise RegistryError(f"log_model {mode!r}: expected one of {', '.join(MODES)}")
+    params = estimate_parameters(model_uri)
+    if mode == "auto":
+        mode = "transformers" if params <= max_flavor_parameters else "uri"
+    return mode, params
+
+
+def _log_transformers(client, run_id: str, model_uri: str, metadata: dict) -> str:
+    """Log the checkpoint with the transformers flavour as artifacts of `run_id`; returns the artifact URI."""
+    import mlflow.transformers
+
+    from llmfab.models import load_model, load_tokenizer
+    from llmfab.models.architectures import DTYPES
+
+    dtype = checkpoint_dtype(model_uri)  # keep a bf16 checkpoint bf16 in the artifact, not upcast
+    model = load_model(model_uri, dtype=dtype if dtype in DTYPES else "float32")
+    tokenizer = load_tokenizer(model_uri)
+    with tempfile.TemporaryDirectory(prefix="llmfab-register-") as tmp:
+        path = Path(tmp) / ARTIFACT_PATH
+        mlflow.transformers.save_model(
+            {"model": model, "tokenizer": tokenizer},
+            str(path),
+            task="text-generation",
+            pip_requirements=pip_requirements(),
+            metadata=metadata,
+        )
+        client.log_artifacts(run_id, str(path), ARTIFACT_PATH)
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+
+
+def register_checkpoint(
+    client,
+    name: str,
+    model_uri: str,
+    *,
+    mode: str = "auto",
+    max_flavor_parameters: int = 100_000_000,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str | None = None,
+) -> Registered:
+    """Register the checkpoint at `model_uri` under `name`, or return the version that already holds the same
+    content. `run_id` (the registering run) holds the transformers-flavour artifacts and links the version."""
+    fp = fingerprint(name, model_uri)
+    ensure_registered_model(client, name)
+    existing = find_version(client, name, fp)
+    if existing is not None:
+        log.info("%s: version %s already holds this checkpoint (fingerprint %s)", name, existing.version, fp[:12])
+        return Registered(name, str(existing.version), existing.source, existing.tags.get(FORMAT_TAG, ""), False, fp)
+    mode, params = choose_mode(mode, model_uri, max_flavor_parameters)
+    if mode == "transformers":
+        if run_id is None:
+            raise RegistryError("log_model transformers: the model is logged into a run; give run_id")
+        source = _log_transformers(client, run_id, model_uri, {FINGERPRINT_TAG: fp, "llmfab.model_uri": model_uri})
+        load = f"mlflow.transformers.load_model('models:/{name}@ALIAS') or llmfab.registry.load_registered(...)"
+    else:
+        source = model_uri
+        load = (
+            f"llmfab.registry.load_registered('models:/{name}@ALIAS'), i.e. llmfab.models.load_model('{source}') "
+            "(an llmfab checkpoint: HF files + MANIFEST.json, verified on download)"
+        )
+    all_tags = {**(tags or {}), FINGERPRINT_TAG: fp, FORMAT_TAG: mode, LOAD_TAG: load, PARAMETERS_TAG: str(params)}
+    mv = client.create_model_version(name, source, run_id=run_id, tags=all_tags, description=description)
+    return Registered(name, str(mv.version), mv.source, mode, True, fp)
+
+
+def metric_tags(metrics: dict[str, float]) -> dict[str, str]:
+    return {f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()}
+
+
+def version_metrics(mv) -> dict[str, float]:
+    """A version's `llmfab.metric.*` tags as numbers."""
+    out = {}
+    for key, value in mv.tags.items():
+        if key.startswith(METRIC_TAG):
+            try:
+                out[key[len(METRIC_TAG) :]] = float(value)
+            except ValueError:
+                continue
+    return out

@@ -1,0 +1,182 @@
+"""`llmfab retrain`: decide whether a family's pipeline runs again, then run it on KFP (or locally) and report the
+registry's verdict.
+
+The decision, first reason that holds:
+    forced          --force (a person or a CI input asked)
+    no champion     the registered model has no `champion` yet
+    new data        the recipe's data fingerprint (llmfab.data.version) differs from the champion's
+    schedule        the champion is older than `max_age_days`
+otherwise nothing runs. The pipeline itself evaluates, registers the new model as `candidate` and promotes it to
+`champion` only if it passes the gate; `retrain --wait` reports which happened.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from llmfab.config.recipe import Recipe, load_recipe
+from llmfab.data.version import DATA_FINGERPRINT_TAG, data_fingerprint
+from llmfab.errors import ConfigError, LlmfabError
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+
+
+@dataclass
+class Decision:
+    retrain: bool
+    reason: str
+    model_name: str
+    data_fingerprint: str
+    champion_version: str | None = None
+    champion_data_fingerprint: str | None = None
+
+
+@dataclass
+class Outcome:
+    decision: Decision
+    ran: str = ""  # "", "kfp" or "local"
+    run_id: str | None = None  # the KFP run id, or the local pipeline's MLflow run id
+    state: str | None = None  # the KFP run's final state (with --wait), "SUCCEEDED" for a local run
+    candidate_version: str | None = None  # after the run: the registry's candidate and champion
+    champion_version: str | None = None
+    promoted: bool | None = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def registered_name(recipe: Recipe) -> str:
+    """The registered model a family's pipeline writes: its register step's `name`, else llmfab-FAMILY."""
+    for step in recipe.steps:
+        if step.stage == "register":
+            return getattr(step.config, "name", None) or f"llmfab-{recipe.family}"
+    raise ConfigError(f"recipe {recipe.family}: no register step, so no registered model to retrain")
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None  # no such model or alias
+
+
+def decide(
+    client, recipe: Recipe, *, force: bool = False, max_age_days: float | None = None, now: float | None = None
+) -> Decision:
+    """Whether `recipe` should run again, against the champion in the registry `client` talks to."""
+    name = registered_name(recipe)
+    fingerprint = data_fingerprint(recipe)
+    champion = _alias_version(client, name, CHAMPION)
+    decision = Decision(False, "", name, fingerprint)
+    if champion is not None:
+        decision.champion_version = str(champion.version)
+        decision.champion_data_fingerprint = champion.tags.get(DATA_FINGERPRINT_TAG)
+    if force:
+        decision.retrain, decision.reason = True, "forced"
+    elif champion is None:
+        decision.retrain, decision.reason = True, f"{name} has no {CHAMPION}"
+    elif decision.champion_data_fingerprint != fingerprint:
+        was = (decision.champion_data_fingerprint or "unknown")[:12]
+        decision.retrain, decision.reason = True, f"new data version ({was} -> {fingerprint[:12]})"
+    else:
+        age_days = ((now or time.time()) * 1000 - champion.creation_timestamp) / 86_400_000
+        if max_age_days is not None and age_days > max_age_days:
+            decision.retrain, decision.reason = True, f"schedule: {CHAMPION} is {age_days:.1f} days old"
+        else:
+            decision.reason = f"{CHAMPION} v{champion.version} is current (same data, {age_days:.1f} days old)"
+    return decision
+
+
+def _registry_state(client, outcome: Outcome, pipeline_run_id: str | None) -> None:
+    """Candidate and champion after the run; promoted = the champion is this run's model."""
+    name = outcome.decision.model_name
+    candidate, champion = _alias_version(client, name, CANDIDATE), _alias_version(client, name, CHAMPION)
+    outcome.candidate_version = str(candidate.version) if candidate else None
+    outcome.champion_version = str(champion.version) if champion else None
+    if champion is not None and pipeline_run_id:
+        outcome.promoted = champion.tags.get("llmfab.pipeline_run_id") == pipeline_run_id
+    elif champion is not None and candidate is not None:
+        outcome.promoted = champion.version == candidate.version
+    else:
+        outcome.promoted = False
+
+
+def retrain(
+    family: str,
+    preset: str = "tiny",
+    *,
+    overrides: list[str] | None = None,
+    host: str | None = None,
+    force: bool = False,
+    max_age_days: float | None = None,
+    wait: bool = True,
+    timeout_s: float = 24 * 3600.0,
+    dry_run: bool = False,
+    store: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    namespace: str | None = None,
+    registry: str | None = None,
+    tag: str | None = None,
+    client=None,
+    kfp_client=None,
+) -> Outcome:
+    """Decide; if it says so, run `family`'s pipeline on the KFP at `host` (else locally through kfp.local)."""
+    from llmfab.registry.loading import registry_client
+
+    recipe = load_recipe(family, preset, overrides or [])
+    client = client or registry_client(tracking_uri)
+    outcome = Outcome(decide(client, recipe, force=force, max_age_days=max_age_days))
+    if not outcome.decision.retrain or dry_run:
+        return outcome
+    if host:
+        from llmfab.kubeflow.submit import submit
+
+        kfp_client = kfp_client or _kfp_client(host, namespace)
+        done = submit(
+            family, host=host, preset=preset, overrides=overrides, store=store, tracking_uri=tracking_uri,
+            experiment=experiment, run_name=run_name, namespace=namespace, registry=registry, tag=tag,
+            client=kfp_client,
+        )  # fmt: skip
+        outcome.ran, outcome.run_id = "kfp", done.id
+        if wait:
+            try:
+                run = kfp_client.wait_for_run_completion(done.id, timeout=timeout_s)
+            except Exception as exc:  # kfp's TimeoutError or an API error: the server's own words
+                raise LlmfabError(f"KFP run {done.id}: {type(exc).__name__}: {exc}") from exc
+            outcome.state = str(getattr(run, "state", "") or "")
+            if outcome.state != "SUCCEEDED":
+                raise LlmfabError(f"KFP run {done.id} ended {outcome.state or 'without a state'}")
+            _registry_state(client, outcome, _pipeline_mlflow_run(done.id, tracking_uri, experiment))
+        return outcome
+    from llmfab.kubeflow.local import run_local
+
+    result = run_local(
+        family, preset, overrides=overrides, store_uri=store, tracking_uri=tracking_uri, experiment=experiment,
+        run_name=run_name,
+    )  # fmt: skip
+    outcome.ran, outcome.run_id, outcome.state = "local", result.run_id, "SUCCEEDED"
+    _registry_state(client, outcome, result.run_id)
+    return outcome
+
+
+def _pipeline_mlflow_run(kfp_run_id: str, tracking_uri: str | None, experiment: str | None) -> str | None:
+    """The MLflow run the pipeline's open-run task opened for KFP run `kfp_run_id` (None if not found)."""
+    from llmfab.kubeflow.runtime import KFP_RUN_TAG
+    from llmfab.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, experiment)
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'")
+    return runs[0].info.run_id if runs else None
+
+
+def _kfp_client(host: str, namespace: str | None):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace or "kubeflow")

@@ -1,0 +1,175 @@
+"""evaluate: one model measured the same way whatever the family, so pipelines compare.
+
+Held-out perplexity (assistant tokens of a chat test split), greedy gold reward on the verifiable
+tasks, reward-model score, win rate against a reference model (by RM and by gold reward) and KL to
+it, needle retrieval at the model's trained context length. Each measurement runs when its inputs
+are given; the report names the ones skipped and why."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from pydantic import Field
+
+from llmfab.errors import DataError
+from llmfab.evaluation.gold import gold_eval, task_prompts
+from llmfab.evaluation.long_context import needle_eval, prose_filler
+from llmfab.evaluation.report import Report, compare_sampled, heldout_loss
+from llmfab.models import load_model, load_tokenizer
+from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.distributed import training_device
+
+log = logging.getLogger(__name__)
+
+HELDOUT = ["heldout_loss", "heldout_ppl"]
+GOLD = ["gold_reward"]
+NEEDLE = ["needle_acc", "needle_nll", "needle_margin", "needle_length"]
+SAMPLED = {  # metric -> the inputs it needs besides prompts
+    "rm_score": ("reward_model",),
+    "kl_to_reference": ("reference",),
+    "win_rate_gold": ("reference",),
+    "rm_score_reference": ("reward_model", "reference"),
+    "win_rate_rm": ("reward_model", "reference"),
+}
+
+
+class EvaluateConfig(StageConfig):
+    prompts: int = Field(64, ge=0, description="held-out task prompts answered greedily for the gold reward (0: off)")
+    heldout_conversations: int = Field(256, ge=0, description="test conversations for held-out loss (0: off)")
+    max_len: int | None = Field(
+        None, gt=1, description="tokens per held-out row, longer conversations dropped [default: context, ≤2048]"
+    )
+    sample_prompts: int = Field(
+        32, ge=0, description="held-out prompts sampled for RM score, win rates and KL to the reference (0: off)"
+    )
+    samples_per_prompt: int = Field(2, gt=0, description="sampled answers per prompt (from each model)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (the gold reward is greedy)")
+    max_new_tokens: int = Field(64, gt=0)
+    needle_length: int | None = Field(
+        None, ge=0, description="needle haystack tokens; 0/None: the model's trained context (max_position_embeddings)"
+    )
+    max_needle_length: int = Field(8192, ge=64, description="cap on the needle length")
+    needle_samples: int = Field(8, ge=0, description="needle depths probed (0: off)")
+    batch_size: int = Field(16, gt=0)
+
+
+def _prompt_records(inputs: dict[str, str], limit: int, gold_only: bool) -> tuple[list[dict], str]:
+    """Test-split prompts of `prompts`, else the last user turns of `data`'s test conversations."""
+    name, kind = ("prompts", "prompt") if "prompts" in inputs else ("data", "chat")
+    return task_prompts(inputs[name], kind, "test", limit, gold_only=gold_only), f"{name} test split"
+
+
+@stage(
+    "evaluate",
+    EvaluateConfig,
+    inputs={"model": "checkpoint to evaluate (with its tokenizer)"},
+    optional_inputs={
+        "data": "chat dataset: held-out loss on its test split (and prompts when `prompts` is not given)",
+        "prompts": "prompt dataset whose test split is answered (gold reward, RM score, win rates, KL)",
+        "reward_model": "reward model scoring sampled answers",
+        "reference": "model compared against: win rates and KL(model || reference) (same tokenizer)",
+        "corpus": "text dataset whose held-out prose is the needle haystack",
+    },
+    outputs={"report": "the evaluation table (evaluation.json)"},
+)
+def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
+    """Held-out perplexity, gold reward, RM score, win rate and KL vs a reference, needle retrieval."""
+    device = training_device()  # a GPU when there is one
+    tokenizer = load_tokenizer(inputs["model"])
+    model = load_model(inputs["model"], device=device).eval()
+    context = model.config.max_position_embeddings
+    report = Report()
+    has_prompts = "prompts" in inputs or "data" in inputs
+
+    if "data" not in inputs or not config.heldout_conversations:
+        report.skip(HELDOUT, "no `data` input" if "data" not in inputs else "heldout_conversations=0")
+    else:
+        max_len = config.max_len or min(context, 2048)
+        try:
+            metrics, convs, tokens = heldout_loss(
+                model, tokenizer, inputs["data"], max_len, config.heldout_conversations, config.batch_size
+            )
+            report.add(metrics, f"data test split: assistant tokens of {convs} conversations", tokens)
+        except DataError as e:
+            report.skip(HELDOUT, str(e))
+
+    if not has_prompts or not config.prompts:
+        report.skip(GOLD, "no `prompts` or `data` input" if not has_prompts else "prompts=0")
+    else:
+        try:
+            records, on = _prompt_records(inputs, config.prompts, gold_only=True)
+        except DataError as e:
+            report.skip(GOLD, str(e))
+        else:
+            metrics, rows = gold_eval(
+                model,
+                tokenizer,
+                records,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+                seed=config.seed,
+            )
+            per_task = Counter(r["task"] for r in records)
+            counts = {f"gold_reward_{t}": c for t, c in per_task.items()} | {"gold_reward": len(records)}
+            counts["response_tokens"] = len(records)
+            report.add(metrics, f"{on}, greedy", counts)
+            ctx.log_table(rows, "samples/gold.json")
+
+    # Sampled measurements, each needing the models named here (and prompts).
+    wanted = [m for m, needs in SAMPLED.items() if all(k in inputs for k in needs)]
+    for name, needs in SAMPLED.items():
+        if name not in wanted:
+            report.skip([name], " and ".join(f"no `{k}` input" for k in needs if k not in inputs))
+    if wanted and (not has_prompts or not config.sample_prompts):
+        report.skip(wanted, "no `prompts` or `data` input" if not has_prompts else "sample_prompts=0")
+        wanted = []
+    reward_model = reference = None
+    if wanted:
+        if "reward_model" in inputs:
+            reward_model = load_model(inputs["reward_model"], kind="reward", device=device).eval()
+        if "reference" in inputs:
+            if load_tokenizer(inputs["reference"]).get_vocab() != tokenizer.get_vocab():
+                raise DataError(f"reference {inputs['reference']} has a different tokenizer than {inputs['model']}")
+            reference = load_model(inputs["reference"], device=device).eval()
+        try:
+            records, on = _prompt_records(inputs, config.sample_prompts, gold_only=False)
+        except DataError as e:
+            report.skip(wanted, str(e))
+        else:
+            metrics, rows = compare_sampled(
+                model,
+                tokenizer,
+                records,
+                reference=reference,
+                reward_model=reward_model,
+                n=config.samples_per_prompt,
+                temperature=config.temperature,
+                max_new_tokens=config.max_new_tokens,
+                seed=config.seed,
+                batch_size=config.batch_size,
+            )
+            n = len(records) * config.samples_per_prompt
+            report.add(metrics, f"{on}, {config.samples_per_prompt} samples per prompt at T={config.temperature}", n)
+            report.skip([m for m in wanted if m not in metrics], f"no gold-reward tasks in the {on}")
+            ctx.log_table(rows, "samples/sampled.json")
+    del reward_model, reference  # free their memory before the long needle contexts
+
+    if "corpus" not in inputs or not config.needle_samples:
+        report.skip(NEEDLE, "no `corpus` input (needle haystack)" if "corpus" not in inputs else "needle_samples=0")
+    else:
+        length = min(config.needle_length or context, config.max_needle_length)
+        filler = prose_filler(inputs["corpus"], "test")
+        metrics = needle_eval(model, tokenizer, length, filler, config.needle_samples, seed=config.seed)
+        report.add(
+            {**metrics, "needle_length": length}, "corpus test prose, depths spread evenly", config.needle_samples
+        )
+
+    for name, why in report.skipped.items():
+        log.info("evaluate: %s skipped (%s)", name, why)
+    ctx.log_metrics(report.metrics)
+    if report.rows:
+        ctx.log_table(report.columns(), "evaluation.json")
+    out = ctx.output("report")
+    out.put_text("evaluation.json", report.to_json(inputs=inputs, config=config.model_dump(mode="json")))
+    return {"report": out.uri}
