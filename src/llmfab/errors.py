@@ -23,3 +23,7 @@ class StoreError(LlmfabError):
 
 class CheckpointError(StoreError):
     """A checkpoint is incomplete or corrupt (missing manifest, size or sha256 mismatch)."""
+
+
+class TrackingError(LlmfabError):
+    """The MLflow tracking server failed or cannot be reached; the message names its URI."""

@@ -57,7 +57,7 @@ class PreferenceRecord(_Record):
     chosen: str
     rejected: str
     level: int | None = Field(None, ge=0, le=3)
-    margin: float | None = None
+    margin: float | None = Field(None, allow_inf_nan=False)
     task: str | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
 

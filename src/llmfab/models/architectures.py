@@ -74,6 +74,29 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in params.values())
 
 
+def check_same_tokens(folder: str, tokenizer, ref: str) -> None:
+    """A checkpoint that carries its tokenizer trains on only with that one, or one that extends it (e.g. an adopted
+    tokenizer with added turn tokens): every token the model learned must keep its id. Raises ConfigError."""
+    from pathlib import Path
+
+    from llmfab.errors import ConfigError
+
+    if not (Path(folder) / "tokenizer.json").is_file():
+        return  # a bare model (e.g. a hub id's weights): nothing to compare with
+    from llmfab.models.checkpoints import load_tokenizer
+
+    own = load_tokenizer(folder).get_vocab()
+    given = tokenizer.get_vocab()
+    moved = sorted((i, t) for t, i in own.items() if given.get(t) != i)
+    if moved:
+        i, token = moved[0]
+        raise ConfigError(
+            f"tokenizer does not match model {ref}: {len(moved)} of its {len(own)} tokens have another id or are "
+            f"missing (e.g. {token!r}: id {i} in the model's tokenizer, {given.get(token)} in the one given); "
+            "give the tokenizer the model was trained with, or one that extends it"
+        )
+
+
 def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed: int = 0):
     """The model a training stage starts from: the `init` checkpoint if given, else `cfg` built
     from scratch with the tokenizer's vocabulary size and special-token ids. A loaded model whose
@@ -84,9 +107,11 @@ def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed
     from llmfab.models.embeddings import match_vocab
 
     if init_ref:
-        from llmfab.models.checkpoints import load_model
+        from llmfab.models.checkpoints import load_model, resolve_ref
 
-        model = load_model(init_ref, dtype=cfg.dtype if cfg else "float32")
+        folder = resolve_ref(init_ref)
+        check_same_tokens(folder, tokenizer, init_ref)
+        model = load_model(folder, dtype=cfg.dtype if cfg else "float32")
         match_vocab(model, tokenizer)
         return model
     if cfg is None:

@@ -6,10 +6,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from llmfab.errors import CheckpointError
 from llmfab.storage import ObjectStore
 from llmfab.storage.checkpoint import MANIFEST, fetch_checkpoint, write_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA adapter saved beside (or instead of) the weights
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Weights load from safetensors only (no pickle), and a checkpoint's own Python code never runs: transformers would
+# otherwise load a pytorch_model.bin, or ask on stdin whether to run a config's `auto_map` code.
+SAFE_LOADING = {"trust_remote_code": False, "use_safetensors": True}
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", ADAPTER_CONFIG)
 
 
 def resolve_ref(ref: str | Path) -> str:
@@ -26,6 +32,18 @@ def resolve_ref(ref: str | Path) -> str:
     return text
 
 
+def _loadable(ref: str | Path) -> str:
+    """resolve_ref, refusing a local folder that holds neither a checkpoint nor a Hugging Face model or tokenizer
+    (e.g. a dataset given as a model) with a message naming it, instead of transformers' guesswork."""
+    folder = resolve_ref(ref)
+    path = Path(folder)
+    if path.is_dir() and not any((path / name).is_file() for name in HF_FILES):
+        raise CheckpointError(
+            f"{ref}: neither a checkpoint ({MANIFEST}) nor a Hugging Face folder ({', '.join(HF_FILES)})"
+        )
+    return folder
+
+
 def load_model(
     ref: str | Path, *, dtype: str = "float32", device="cpu", kind: str = "causal_lm", merge_adapter: bool = True
 ):
@@ -40,19 +58,23 @@ def load_model(
     from llmfab.models.architectures import DTYPES
     from llmfab.models.palettize import is_palettized, load_palettized
 
-    folder = resolve_ref(ref)
+    folder = _loadable(ref)
+    if (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{ref}: an adapter loads from {ADAPTER_WEIGHTS} only (pickled .bin files are not)")
     if kind == "causal_lm":
         if is_palettized(folder):
             model = load_palettized(folder, DTYPES[dtype])
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], **SAFE_LOADING)
         return _with_adapter(model, folder, merge_adapter).to(device)
     if kind != "reward":
         raise ValueError(f"unknown model kind {kind!r}")
     if is_palettized(folder) or (Path(folder) / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{ref}: a palettized or adapter checkpoint loads as a causal LM only, not a reward model")
     # From a causal LM checkpoint the scalar head is new (initialised from the torch RNG).
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, dtype=DTYPES[dtype], num_labels=1)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=DTYPES[dtype], num_labels=1, **SAFE_LOADING
+    )
     if model.config.pad_token_id is None:
         raise ValueError(f"{ref}: a reward model needs pad_token_id in its config (it pools the last non-pad token)")
     return model.to(device)
@@ -70,7 +92,7 @@ def _with_adapter(model, folder: str, merge: bool):
 def load_tokenizer(ref: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_ref(ref))
+    return AutoTokenizer.from_pretrained(_loadable(ref), trust_remote_code=False)
 
 
 def save_model(model, tokenizer, store: ObjectStore, meta: dict | None = None) -> str:

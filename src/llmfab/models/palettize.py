@@ -401,7 +401,7 @@ def load_palettized(folder: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers causal LM with the dequantized weights of a palettized checkpoint folder."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model_cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # from_pretrained (not from_config + load_state_dict): the same loading, tying and buffer set-up as
     # any checkpoint, and no random initialisation of weights that are about to be overwritten.

@@ -18,7 +18,7 @@ from pathlib import Path
 from llmfab.errors import LlmfabError
 from llmfab.registry.lineage import checkpoint_hash
 from llmfab.storage import open_store
-from llmfab.storage.checkpoint import read_manifest
+from llmfab.storage.checkpoint import read_manifest, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ def register_checkpoint(
 ) -> Registered:
     """Register the checkpoint at `model_uri` under `name`, or return the version that already holds the same
     content. `run_id` (the registering run) holds the transformers-flavour artifacts and links the version."""
+    verify_checkpoint(open_store(model_uri))  # a partial or corrupt checkpoint is never registered
     fp = fingerprint(name, model_uri)
     ensure_registered_model(client, name)
     existing = find_version(client, name, fp)

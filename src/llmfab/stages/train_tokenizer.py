@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from llmfab.config.base import StrictModel
 from llmfab.data import multilingual
 from llmfab.data.io import iter_records
+from llmfab.errors import DataError
 from llmfab.evaluation import tokenizer_report as report
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.storage.checkpoint import write_checkpoint
@@ -124,6 +125,8 @@ def run(config: TokenizerConfig, inputs: dict[str, str], ctx: StageContext) -> d
     records = ctx.progress(iter_records(inputs["corpus"], "text", "train"), desc="read corpus")
     corpus = _first_chars((r["text"] for r in records), limit)
     if config.source == "train":
+        if not corpus:
+            raise DataError(f"{inputs['corpus']}: no text records in split 'train' to train the tokenizer on")
         texts = corpus
         if config.multilingual:
             texts = corpus + _multilingual_train(config.report, list(multilingual.LANGUAGES), config.seed)

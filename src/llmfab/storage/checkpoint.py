@@ -88,6 +88,21 @@ def is_checkpoint(store: ObjectStore) -> bool:
     return True
 
 
+def verify_checkpoint(store: ObjectStore) -> dict:
+    """The manifest of a checkpoint whose files are all there: a local one has every file's sha256 checked, a
+    remote one its sizes (no download). Raises CheckpointError otherwise: what may be registered or linked."""
+    manifest = read_manifest(store)
+    if isinstance(store, LocalStore):
+        fetch_checkpoint(store)  # verifies in place, no copy
+        return manifest
+    for name, entry in manifest["files"].items():
+        if not store.exists(name):
+            raise CheckpointError(f"{store.uri_for(name)}: listed in {MANIFEST} but missing")
+        if store.size(name) != entry["size"]:
+            raise CheckpointError(f"{store.uri_for(name)}: size {store.size(name)} does not match manifest")
+    return manifest
+
+
 def _verify_file(uri: str, path: Path, entry: dict) -> None:
     size = path.stat().st_size
     if size != entry["size"]:

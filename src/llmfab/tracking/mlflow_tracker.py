@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -12,7 +13,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from llmfab.errors import TrackingError
+
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "llmfab"
 PARENT_RUN_ENV = "LLMFAB_PARENT_RUN_ID"
@@ -22,6 +27,22 @@ MAX_PARAM_CHARS = 6000
 def tracking_uri(explicit: str | None = None) -> str:
     """The explicit URI, else MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` without a password in it (http://user:***@host), fit for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _tracking_failures() -> tuple[type[Exception], ...]:
+    """What a failing or unreachable tracking server raises (after MLflow's own HTTP retries)."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, OSError  # requests' connection errors and timeouts are OSErrors
 
 
 def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
@@ -133,16 +154,31 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is None:
-            try:
-                self.experiment_id = self.client.create_experiment(self.experiment)
-            except Exception:  # created concurrently by another stage
-                self.experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
-        else:
-            self.experiment_id = found.experiment_id
+        # Before a stage runs (and writes anything): a server that is down fails the stage here, clearly.
+        with self._failures("cannot reach it"):
+            self.client = MlflowClient(tracking_uri=self.uri)
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(self.experiment)
+                except Exception:  # created concurrently by another stage
+                    self.experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+            else:
+                self.experiment_id = found.experiment_id
+
+    @contextlib.contextmanager
+    def _failures(self, what: str, mlflow_only: bool = False) -> Iterator[None]:
+        """MLflow's errors (and, around our own calls, connection errors) as a TrackingError naming the server."""
+        from mlflow.exceptions import MlflowException
+
+        caught = (MlflowException,) if mlflow_only else _tracking_failures()
+        try:
+            yield
+        except caught as exc:
+            password = urlsplit(self.uri).password
+            reason = str(exc).replace(password, "***") if password else str(exc)  # MLflow's message has the URL
+            raise TrackingError(f"MLflow tracking server {redact_uri(self.uri)}: {what}: {reason}") from None
 
     @contextlib.contextmanager
     def run(self, name: str, *, parent_run_id: str | None = None, tags: dict | None = None) -> Iterator[TrackedRun]:
@@ -150,17 +186,27 @@ class Tracker:
         all_tags = {"mlflow.runName": name, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        created = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        with self._failures("cannot start a run"):
+            created = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         run = TrackedRun(self.client, created.info.run_id, self.experiment_id)
         status = "FAILED"
         try:
-            yield run
+            # A stage's own errors pass through; MLflow's (e.g. the server went away mid-stage) name the server.
+            with self._failures(f"run {run.run_id} failed", mlflow_only=True):
+                yield run
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            self.client.set_terminated(run.run_id, status=status)
+            try:
+                with self._failures(f"cannot mark run {run.run_id} {status}"):
+                    self.client.set_terminated(run.run_id, status=status)
+            except TrackingError:
+                if status == "FINISHED":
+                    raise  # the stage's work is done, but it must not look tracked when it is not
+                # Already failing: keep that error (the one to act on); the run stays RUNNING, never FINISHED.
+                log.warning("MLflow run %s could not be marked %s", run.run_id, status, exc_info=True)
 
     def child_runs(self, parent_run_id: str) -> list:
         return self.client.search_runs(

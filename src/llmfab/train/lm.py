@@ -125,6 +125,10 @@ class PackedCorpus:
         self.batch_size, self.per_step = batch_size, micro_batches_per_step(grad_accum)
         rows_needed = max_steps * self.per_step * batch_size
         train_docs, test_docs = corpus_splits(corpus_uri, tokenizer, sources)
+        if not any(train_docs.values()):
+            names = corpus_uri if isinstance(corpus_uri, str) else ", ".join(corpus_uri)
+            only = f" of sources {', '.join(sources)}" if sources else ""
+            raise DataError(f"{names}: no text records{only} in split 'train' (empty dataset)")
         docs = mixture_sample(train_docs, mixture, rows_needed * seq_len, seed)
         self.train = {k: v[:rows_needed] for k, v in pack_documents(docs, seq_len, tokenizer.pad_token_id).items()}
         self.held_out = pack_eval(test_docs, seq_len, tokenizer.pad_token_id, eval_rows, seed)

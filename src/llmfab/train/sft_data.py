@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: int, where: str = "data"):
     """(ids, mask) per conversation; ones longer than `max_len` are dropped (and counted)."""
+    if not conversations:
+        raise DataError(f"{where}: no conversations (empty dataset or split)")
     out, dropped = [], 0
     for messages in conversations:
         ids, mask = encode_chat(tokenizer, messages)
@@ -99,4 +101,5 @@ def held_out_rows(tokenizer, uri: str, max_len: int, limit: int = 256) -> dict[s
     from llmfab.data.io import read_dataset
 
     test = [r["messages"] for r in read_dataset(uri, "chat", "test", limit=limit)]
-    return pack_examples(encode_conversations(tokenizer, test, max_len)[0], max_len, tokenizer.pad_token_id)
+    examples = encode_conversations(tokenizer, test, max_len, f"{uri} (test)")[0]
+    return pack_examples(examples, max_len, tokenizer.pad_token_id)

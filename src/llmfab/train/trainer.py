@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -29,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from llmfab.errors import LlmfabError
+from llmfab.errors import CheckpointError, LlmfabError
 from llmfab.stages.base import StageContext
+from llmfab.storage import ObjectStore
 from llmfab.storage.checkpoint import (
     delete_checkpoint,
     fetch_checkpoint,
-    latest_step_checkpoint,
     list_step_checkpoints,
     step_name,
     write_checkpoint,
@@ -205,14 +206,35 @@ class Trainer:
             delete_checkpoint(self.ckpt_store.sub(name))
         return uri
 
+    def _newest_good_checkpoint(self) -> tuple[int, ObjectStore, Path] | None:
+        """The newest complete checkpoint whose files match its manifest, fetched. One with a manifest but
+        corrupt files (bit rot, a foreign writer) is skipped for the one before it, never loaded."""
+        found = list_step_checkpoints(self.ckpt_store)
+        for step, name in reversed(found):
+            store = self.ckpt_store.sub(name)
+            try:
+                return step, store, fetch_checkpoint(store)
+            except CheckpointError as exc:
+                log.warning("not resuming from %s: %s", store.uri, exc)
+        if found:
+            raise TrainingError(
+                f"{self.ckpt_store.uri}: every checkpoint ({', '.join(n for _, n in found)}) is corrupt; "
+                "move them away to start from scratch"
+            )
+        return None
+
     def resume(self) -> bool:
-        found = latest_step_checkpoint(self.ckpt_store)
+        found = self._newest_good_checkpoint()
         if found is None:
             return False
-        step, store = found
-        folder = fetch_checkpoint(store)
+        step, store, folder = found
         load_weights(self.model, folder)
-        state = torch.load(folder / STATE_FILE, weights_only=True)  # no pickled code from a store
+        try:
+            state = torch.load(folder / STATE_FILE, weights_only=True)  # no pickled code from a store
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{store.uri_for(STATE_FILE)}: refused (only tensors and plain data are unpickled): {exc}"
+            ) from None
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / DS_DIR), tag="state", load_module_strict=False)
         else:
