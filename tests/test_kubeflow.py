@@ -71,6 +71,12 @@ def test_committed_pipelines_and_components_are_current(compiled):
     assert {p.parent.name for p in (ROOT / "components").glob("*/component.yaml")} == set(shipped_stages())
 
 
+def test_tasks_install_nothing_at_run_time(compiled):
+    """The stage images carry llmfab and kfp: a task runs no pip (an air-gapped cluster works)."""
+    for path in compiled.rglob("*.yaml"):
+        assert "pip install" not in path.read_text(), path
+
+
 def _example_secret_values() -> set[str]:
     values = set()
     for path in ROOT.glob("manifests/**/*.env*"):
@@ -518,3 +524,38 @@ def test_trainjob_steps_compile_without_gpus_on_their_tasks(tmp_path, default_im
         compile_pipeline("llama31", tmp_path / "x.yaml", trainjobs={"data": launch})
     with pytest.raises(ConfigError, match="'nope': no such step"):
         compile_pipeline("llama31", tmp_path / "x.yaml", trainjobs={"nope": launch})
+
+
+def test_recipe_uri_inputs_become_importers_that_run_under_kfp_local(tmp_path, tracking_uri):
+    """An input written as a URI in the recipe (data prepared elsewhere) is a dsl.importer whose artifact carries
+    the URI as store_uri; under kfp.local the step reads it like any step output (~20 s)."""
+    from kfp import local
+
+    from llmfab.kubeflow.pipelines import build_pipeline
+    from llmfab.stages.runner import run_stage
+    from llmfab.storage import open_store
+
+    data = run_stage(
+        "prepare_data",
+        dict(prose_docs=20, code_docs=10, task_docs=20, sft_examples=10, prompts=10, preference_pairs=10),
+        store=open_store(tmp_path / "prepared"),
+        track=False,
+        show_progress=False,
+    ).outputs["text"]
+    path = tmp_path / "imported.yaml"
+    path.write_text(
+        "family: imported\nsteps:\n"
+        f"  - {{id: tokenizer, stage: train_tokenizer, inputs: {{corpus: '{data}'}}}}\n"
+        "presets: {tiny: {config: {tokenizer: {vocab_size: 300}}}}\n"
+    )
+    path_yaml = compile_pipeline(str(path), tmp_path / "imported-ir.yaml")
+    spec = next(yaml.safe_load_all(path_yaml.read_text()))
+    (importer,) = [e["importer"] for e in spec["deploymentSpec"]["executors"].values() if "importer" in e]
+    assert importer["artifactUri"]["constant"] == data and importer["metadata"] == {STORE_URI: data}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
+    build_pipeline(str(path))(store=str(tmp_path / "store"), tracking_uri=tracking_uri, run_name="imported")
+    tracker = Tracker(tracking_uri)
+    (parent,) = tracker.client.search_runs([tracker.experiment_id], "attributes.run_name = 'imported'")
+    (child,) = tracker.child_runs(parent.info.run_id)
+    assert child.data.tags["llmfab.input.corpus"] == data and child.info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["tokenizer.vocab_size"] == 300

@@ -1,10 +1,13 @@
 """Each family's tiny pipeline end to end through kfp.local, as `llmfab run` / `make run` runs Qwen2 (slow: minutes
-per family): every step a task (a subprocess running its component), every task a nested MLflow run."""
+per family): every step a task (a subprocess running its component), every task a nested MLflow run, and the
+aligned model in the registry with its lineage, `candidate` and (a first run passes the gate) `champion`,
+loadable by alias."""
 
 import pytest
 
-from llmfab.config.recipe import list_families, load_recipe
+from llmfab.config.recipe import list_families, load_recipe, run_name_of
 from llmfab.kubeflow.local import run_local
+from llmfab.registry import generate_text, load_registered
 from llmfab.tracking import Tracker
 
 
@@ -14,18 +17,35 @@ from llmfab.tracking import Tracker
 def test_family_tiny_recipe_runs_end_to_end(family, tmp_path, tracking_uri):
     recipe = load_recipe(family, "tiny")
     result = run_local(family, "tiny", store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri)
-    assert list(result.steps) == [s.id for s in recipe.steps]
+    runs = [run_name_of(s.id, item) for s in recipe.steps for item in (s.variants or [None])]
+    assert list(result.steps) == runs
     tracker = Tracker(tracking_uri)
     parent = tracker.client.get_run(result.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["llmfab.runner"] == "kfp-local"
     children = {r.info.run_name: r for r in tracker.child_runs(result.run_id)}
     assert set(children) == set(result.steps)
     assert all(r.info.status == "FINISHED" for r in children.values())
-    for step in recipe.steps:
+    for step in (s for s in recipe.steps if s.stage in ("pretrain", "distill", "anneal")):
         metrics = children[step.id].data.metrics
         if step.stage == "distill" and step.config.loss == "afm_top1":
             # The AFM target is mostly the teacher's top-1 token: from a weak tiny teacher the student
             # learns it (loss from ~ln V to ~1) while its true-token held-out loss need not fall.
             assert metrics["train_loss"] < metrics["eval_loss_before"] / 2, (step.id, metrics)
-        elif step.stage in ("pretrain", "distill", "anneal"):
+        else:
             assert metrics["eval_loss"] < metrics["eval_loss_before"], (step.id, metrics)
+
+    evaluation = children["evaluate"].data.metrics
+    assert 0 <= evaluation["gold_reward"] <= 1 and evaluation["heldout_ppl"] > 1 and "win_rate_rm" in evaluation
+    name = f"llmfab-{recipe.family}"
+    candidate = tracker.client.get_model_version_by_alias(name, "candidate")
+    champion = tracker.client.get_model_version_by_alias(name, "champion")  # the first version passes the gate
+    assert candidate.version == champion.version
+    tags = candidate.tags
+    assert tags["llmfab.pipeline_run_id"] == result.run_id and tags["llmfab.family"] == recipe.family
+    assert tags["llmfab.preset"] == "tiny" and len(tags["llmfab.data_fingerprint"]) == 64
+    assert len(tags["llmfab.data.data.text.sha256"]) == 64 and tags["llmfab.parent.tokenizer.tokenizer"]
+    assert float(tags["llmfab.metric.gold_reward"]) == evaluation["gold_reward"]
+    model, tokenizer = load_registered(f"models:/{name}@champion", tracking_uri=tracking_uri)
+    assert len(tokenizer) <= model.config.vocab_size
+    (text,) = generate_text(f"models:/{name}@champion", ["What is 3 + 4?"], tracking_uri=tracking_uri)
+    assert isinstance(text, str)

@@ -17,13 +17,16 @@ def generate(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
     stop_at_eos: bool = True,
     stop_token_ids: list[int] | None = None,
     with_finished: bool = False,
 ) -> list[str] | tuple[list[str], list[bool]]:
-    """One completion per prompt (greedy when temperature == 0); the prompt is not included.
+    """One completion per prompt (greedy when temperature == 0); the prompt is not included. `top_k`
+    None keeps the model's generation config (transformers defaults to 50); 0 samples from the whole
+    distribution, which an estimate over samples (KL) needs.
     Generation stops at EOS, or at any of `stop_token_ids` when given. With `with_finished`,
     also says which completions ended with a stop token (the others hit max_new_tokens)."""
     model.eval()
@@ -39,6 +42,7 @@ def generate(
             enc = enc.to(next(model.parameters()).device)
             sampling = (
                 {"do_sample": True, "temperature": temperature, "top_p": top_p}
+                | ({"top_k": top_k} if top_k is not None else {})
                 if temperature > 0
                 else {"do_sample": False}
             )

@@ -58,7 +58,10 @@ def compare_sampled(
     Returns (metrics, sample table)."""
     prompts = [r["prompt"] for r in records]
     flat = [r for r in records for _ in range(n)]
-    sampling = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    # top_k=0: the KL estimate E_pi[log pi - log pi_ref] needs samples from pi itself, not its top 50.
+    sampling = dict(
+        n=n, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
+    )
     pad = tokenizer.pad_token_id
 
     def answer_and_score(model):

@@ -147,8 +147,8 @@ def _stage_component(stage: str, image: str):
 
     spec = get_stage(stage)
     fn = _define(spec.name, component_source(spec))
-    # packages_to_install=[]: the stage image has llmfab with its kfp extra (KFP's launcher then finds kfp installed).
-    return dsl.component(fn, base_image=image, packages_to_install=[])
+    # Nothing installed at run time: the stage image has llmfab with its kfp extra (no pip, no network in the pod).
+    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
 
 
 OPEN_RUN_SOURCE = '''def open_run(
@@ -183,7 +183,7 @@ def _open_run_component(image: str):
     from kfp import dsl
 
     fn = _define("open_run", OPEN_RUN_SOURCE)
-    return dsl.component(fn, base_image=image, packages_to_install=[])
+    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
 
 
 CLOSE_RUN_SOURCE = '''def close_run(
@@ -209,7 +209,7 @@ def _close_run_component(image: str):
     from kfp import dsl
 
     fn = _define("close_run", CLOSE_RUN_SOURCE)
-    return dsl.component(fn, base_image=image, packages_to_install=[])
+    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
 
 
 STEP_VALUE_SOURCE = '''def step_value(value: str) -> str:
@@ -229,4 +229,4 @@ def _step_value_component(image: str):
     from kfp import dsl
 
     fn = _define("step_value", STEP_VALUE_SOURCE)
-    return dsl.component(fn, base_image=image, packages_to_install=[])
+    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmfab.config.recipe import load_recipe
+from llmfab.config.recipe import load_recipe, run_name_of
 from llmfab.storage import open_store
 from llmfab.tracking import Tracker
 from llmfab.tracking.mlflow_tracker import copy_child_metrics
@@ -91,7 +91,10 @@ def run_local(
             parent_run_id=parent.run_id,
         )
         result = LocalPipelineResult(run_name, parent.run_id, run_store.uri, pipeline_root, time.time() - start)
-        for run in sorted(copy_child_metrics(tracker, parent.run_id), key=lambda r: r.info.start_time):
+        names = [run_name_of(s.id, item) for s in recipe.steps for item in (s.variants or [None])]
+        order = {name: i for i, name in enumerate(names)}  # recipe order (kfp.local runs in a topological one)
+        children = copy_child_metrics(tracker, parent.run_id)
+        for run in sorted(children, key=lambda r: (order.get(r.info.run_name, len(order)), r.info.start_time)):
             info = run.info
             outputs = {
                 k[len("llmfab.output.") :]: v for k, v in run.data.tags.items() if k.startswith("llmfab.output.")
