@@ -46,3 +46,13 @@ def test_workflow_llmfab_commands_exist_with_their_options():
         known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
         used = {arg.split("=", 1)[0] for arg in call[1:] if arg.startswith("--")}
         assert used <= known, (call[0], sorted(used - known))
+
+
+def test_workflow_installs_what_llmfab_commands_need():
+    """Every job that runs llmfab installs the train extra (recipes load the stage registry, which imports torch)
+    after the CPU build of the pinned torch (else pip pulls a multi-GB CUDA build)."""
+    for name, job in yaml.safe_load(WORKFLOW.read_text())["jobs"].items():
+        scripts = "\n".join(s.get("run", "") for s in job["steps"])
+        if re.search(r"^\s*llmfab ", scripts, re.M):
+            install = scripts.index('pip install -e ".[train,kfp]"')
+            assert scripts.index("torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu") < install, name
