@@ -5,7 +5,7 @@ loadable by alias."""
 
 import pytest
 
-from llmfab.config.recipe import list_families, load_recipe, run_name_of
+from llmfab.config.recipe import list_families, load_recipe
 from llmfab.kubeflow.local import run_local
 from llmfab.registry import generate_text, load_registered
 from llmfab.tracking import Tracker
@@ -17,7 +17,7 @@ from llmfab.tracking import Tracker
 def test_family_tiny_recipe_runs_end_to_end(family, tmp_path, tracking_uri):
     recipe = load_recipe(family, "tiny")
     result = run_local(family, "tiny", store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri)
-    runs = [run_name_of(s.id, item) for s in recipe.steps for item in (s.variants or [None])]
+    runs = [name for s in recipe.steps for name, _ in s.runs()]
     assert list(result.steps) == runs
     tracker = Tracker(tracking_uri)
     parent = tracker.client.get_run(result.run_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from llmfab.config.recipe import Recipe, as_refs, run_name_of
+from llmfab.config.recipe import Recipe, as_refs, is_uri
 from llmfab.errors import ConfigError
 from llmfab.stages.runner import StageResult, run_stage
 from llmfab.storage import open_store
@@ -27,10 +27,18 @@ def resolve_input(ref: str | list[str], outputs: dict[str, dict[str, str]]) -> s
     """'step.output' -> that output's URI; anything else is already a URI or path (lists map)."""
     if isinstance(ref, list):
         return [resolve_input(r, outputs) for r in ref]
-    if "://" in ref or ref.startswith(("/", "./")):
+    if is_uri(ref):
         return ref
     step, _, name = ref.partition(".")
     return outputs[step][name]
+
+
+def log_pipeline_run(parent, recipe: Recipe, overrides: list[str] | None = None) -> None:
+    """What a pipeline's parent MLflow run records, however the pipeline runs: the recipe and this machine."""
+    params = {"family": recipe.family, "preset": recipe.preset, "steps": [s.id for s in recipe.steps]}
+    parent.log_params({**params, **({"overrides": list(overrides)} if overrides else {})})
+    parent.log_dict(recipe.plan(), "recipe_plan.json")
+    parent.log_system_info()
 
 
 def run_recipe(
@@ -52,9 +60,7 @@ def run_recipe(
     tracker = Tracker(tracking_uri, experiment)
     tags = recipe.run_tags(store.uri)
     with tracker.run(run_name, tags=tags) as parent:
-        parent.log_params({"family": recipe.family, "preset": recipe.preset, "steps": [s.id for s in recipe.steps]})
-        parent.log_dict(recipe.plan(), "recipe_plan.json")
-        parent.log_system_info()
+        log_pipeline_run(parent, recipe)
         result = PipelineResult(run_name, parent.run_id, store.uri)
         outputs: dict[str, dict[str, str | list[str]]] = {}
         values: dict[str, dict[str, str]] = {}
@@ -65,12 +71,7 @@ def run_recipe(
                 parent.set_tags({f"llmfab.skipped.{step.id}": f"{step.when} is false"})
                 continue
             inputs = {name: resolve_input(ref, outputs) for name, ref in step.inputs.items()}
-            runs = [(step.id, step.config)]  # (run name = store prefix, config)
-            if step.variants:
-                runs = [
-                    (run_name_of(step.id, item), cfg)
-                    for item, cfg in zip(step.variants, step.variant_configs, strict=True)
-                ]
+            runs = step.runs()  # (run name = store prefix, config)
             for name, config in runs:
                 res = run_stage(
                     step.stage,
@@ -94,7 +95,7 @@ def run_recipe(
 def _needed_by(step_id: str, targets: list[str], recipe: Recipe) -> bool:
     """Whether any target step depends (transitively) on `step_id`."""
     deps = {
-        s.id: {ref.partition(".")[0] for refs in s.inputs.values() for ref in as_refs(refs) if "://" not in ref}
+        s.id: {ref.partition(".")[0] for refs in s.inputs.values() for ref in as_refs(refs) if not is_uri(ref)}
         for s in recipe.steps
     }
     frontier, seen = list(targets), set()

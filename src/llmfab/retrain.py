@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from llmfab.config.recipe import Recipe, load_recipe
 from llmfab.data.version import DATA_FINGERPRINT_TAG, data_fingerprint
 from llmfab.errors import ConfigError, LlmfabError
+from llmfab.registry.promotion import alias_holder
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -56,22 +57,13 @@ def registered_name(recipe: Recipe) -> str:
     raise ConfigError(f"recipe {recipe.family}: no register step, so no registered model to retrain")
 
 
-def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None  # no such model or alias
-
-
 def decide(
     client, recipe: Recipe, *, force: bool = False, max_age_days: float | None = None, now: float | None = None
 ) -> Decision:
     """Whether `recipe` should run again, against the champion in the registry `client` talks to."""
     name = registered_name(recipe)
     fingerprint = data_fingerprint(recipe)
-    champion = _alias_version(client, name, CHAMPION)
+    champion = alias_holder(client, name, CHAMPION)
     decision = Decision(False, "", name, fingerprint)
     if champion is not None:
         decision.champion_version = str(champion.version)
@@ -95,7 +87,7 @@ def decide(
 def _registry_state(client, outcome: Outcome, pipeline_run_id: str | None) -> None:
     """Candidate and champion after the run; promoted = the champion is this run's model."""
     name = outcome.decision.model_name
-    candidate, champion = _alias_version(client, name, CANDIDATE), _alias_version(client, name, CHAMPION)
+    candidate, champion = alias_holder(client, name, CANDIDATE), alias_holder(client, name, CHAMPION)
     outcome.candidate_version = str(candidate.version) if candidate else None
     outcome.champion_version = str(champion.version) if champion else None
     if champion is not None and pipeline_run_id:

@@ -125,6 +125,12 @@ class ResolvedStep:
                 return config
         raise ConfigError(f"step {self.id}: no parallel item {item!r}; items: {self.variants}")
 
+    def runs(self) -> list[tuple[str, StageConfig]]:
+        """(run name, config) of each run of the step: one, or one per parallel item in item order."""
+        if not self.variants:
+            return [(self.id, self.config)]
+        return [(run_name_of(self.id, i), c) for i, c in zip(self.variants, self.variant_configs, strict=True)]
+
 
 @dataclass
 class Recipe:
@@ -171,6 +177,11 @@ class Recipe:
                 for s in self.steps
             ],
         }
+
+
+def is_uri(ref: str) -> bool:
+    """An input written as a URI or path (data from outside the recipe), not a `STEP.OUTPUT` reference."""
+    return "://" in ref or ref.startswith(("/", "./"))
 
 
 def as_refs(value: str | list[str]) -> list[str]:
@@ -260,8 +271,7 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
     }
     model_dicts = {name: m.model_dump() for name, m in models.items()}
 
-    resolved: list[ResolvedStep] = []
-    by_id: dict[str, ResolvedStep] = {}
+    by_id: dict[str, ResolvedStep] = {}  # in step order
     for index, step in enumerate(recipe.steps):
         spec = get_stage(step.stage)
         where = f"{prefix}.config.{step.id}"
@@ -277,7 +287,7 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
             raise ConfigError(f"{spec_where}: parallel: items must differ")
         when = _condition(step.when, by_id, spec_where) if step.when else None
         for name, ref in ((n, r) for n, refs in step.inputs.items() for r in as_refs(refs)):
-            if "://" in ref or ref.startswith(("/", "./")):
+            if is_uri(ref):
                 continue
             src_step, _, output = ref.partition(".")
             if src_step not in by_id:
@@ -306,8 +316,7 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
         except ConfigError as exc:
             raise ConfigError(f"{spec_where}: {exc}") from None
         by_id[step.id] = ResolvedStep(step.id, step.stage, dict(step.inputs), config, variants, variant_configs, when)
-        resolved.append(by_id[step.id])
-    return Recipe(recipe.family, preset, source, resolved, models, recipe.description)
+    return Recipe(recipe.family, preset, source, list(by_id.values()), models, recipe.description)
 
 
 def _condition(text: str, earlier: dict[str, ResolvedStep], where: str) -> Condition:

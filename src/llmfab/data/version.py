@@ -17,7 +17,7 @@ DATA_STAGES = ("prepare_data",)  # stages whose config alone decides the data th
 
 def data_fingerprint(recipe) -> str:
     """sha256 of the data-step configs and the content of every dataset URI the recipe reads directly."""
-    from llmfab.config.recipe import as_refs
+    from llmfab.config.recipe import as_refs, is_uri
     from llmfab.registry.lineage import describe
 
     parts: dict = {}
@@ -27,7 +27,7 @@ def data_fingerprint(recipe) -> str:
             parts[f"{step.id}.config"] = config
         for name, refs in step.inputs.items():
             for ref in as_refs(refs):
-                if "://" in ref or ref.startswith(("/", "./")):
+                if is_uri(ref):
                     art = describe(ref, f"{step.id}.{name}")
                     parts[f"{step.id}.{name}:{ref}"] = art.sha256 or ref  # unhashable (external): its name
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

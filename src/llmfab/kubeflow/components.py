@@ -143,12 +143,17 @@ def stage_component(stage: str, registry: str | None = None, tag: str | None = N
 
 @cache
 def _stage_component(stage: str, image: str):
+    spec = get_stage(stage)
+    return _pipeline_component(spec.name, component_source(spec), image)
+
+
+@cache
+def _pipeline_component(name: str, source: str, image: str):
+    """A lightweight component of function `name` in `source`, running in `image`."""
     from kfp import dsl
 
-    spec = get_stage(stage)
-    fn = _define(spec.name, component_source(spec))
     # Nothing installed at run time: the stage image has llmfab with its kfp extra (no pip, no network in the pod).
-    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
+    return dsl.component(_define(name, source), base_image=image, packages_to_install=[], install_kfp_package=False)
 
 
 OPEN_RUN_SOURCE = '''def open_run(
@@ -171,19 +176,11 @@ OPEN_RUN_SOURCE = '''def open_run(
     )
     write_run_context(pipeline_run, run_id, store_uri)
 '''
-OPEN_RUN_STAGE = "prepare_data"  # open_run is tracking and storage only: it runs in a CPU-group image
+OPEN_RUN_STAGE = "prepare_data"  # the pipeline's own tasks are tracking and storage only: a CPU-group image
 
 
 def open_run_component(registry: str | None = None, tag: str | None = None):
-    return _open_run_component(image_for(OPEN_RUN_STAGE, registry, tag))
-
-
-@cache
-def _open_run_component(image: str):
-    from kfp import dsl
-
-    fn = _define("open_run", OPEN_RUN_SOURCE)
-    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
+    return _pipeline_component("open_run", OPEN_RUN_SOURCE, image_for(OPEN_RUN_STAGE, registry, tag))
 
 
 CLOSE_RUN_SOURCE = '''def close_run(
@@ -201,15 +198,7 @@ CLOSE_RUN_SOURCE = '''def close_run(
 
 
 def close_run_component(registry: str | None = None, tag: str | None = None):
-    return _close_run_component(image_for(OPEN_RUN_STAGE, registry, tag))
-
-
-@cache
-def _close_run_component(image: str):
-    from kfp import dsl
-
-    fn = _define("close_run", CLOSE_RUN_SOURCE)
-    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
+    return _pipeline_component("close_run", CLOSE_RUN_SOURCE, image_for(OPEN_RUN_STAGE, registry, tag))
 
 
 STEP_VALUE_SOURCE = '''def step_value(value: str) -> str:
@@ -221,12 +210,4 @@ STEP_VALUE_SOURCE = '''def step_value(value: str) -> str:
 def step_value_component(registry: str | None = None, tag: str | None = None):
     """A pass-through task before each condition: kfp.local's condition evaluator resolves only single-output
     (`Output`) task channels, not a named output of a multi-output component (a cluster resolves both)."""
-    return _step_value_component(image_for(OPEN_RUN_STAGE, registry, tag))
-
-
-@cache
-def _step_value_component(image: str):
-    from kfp import dsl
-
-    fn = _define("step_value", STEP_VALUE_SOURCE)
-    return dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
+    return _pipeline_component("step_value", STEP_VALUE_SOURCE, image_for(OPEN_RUN_STAGE, registry, tag))

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmfab.config.recipe import load_recipe, run_name_of
+from llmfab.config.recipe import load_recipe
+from llmfab.recipe_runner import log_pipeline_run
 from llmfab.storage import open_store
 from llmfab.tracking import Tracker
 from llmfab.tracking.mlflow_tracker import copy_child_metrics
@@ -75,9 +76,7 @@ def run_local(
     tags = {**recipe.run_tags(run_store.uri), "llmfab.runner": "kfp-local"}
     start = time.time()
     with tracker.run(run_name, tags=tags) as parent:
-        parent.log_params({"family": recipe.family, "preset": preset, "steps": [s.id for s in recipe.steps]})
-        parent.log_dict(recipe.plan(), "recipe_plan.json")
-        parent.log_system_info()
+        log_pipeline_run(parent, recipe, overrides)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
         # One run at a time: the runs of a parallel step would share this machine's cores (each sized for all).
         pipeline = build_pipeline(recipe_ref, preset=preset, loop_parallelism=1)
@@ -91,7 +90,7 @@ def run_local(
             parent_run_id=parent.run_id,
         )
         result = LocalPipelineResult(run_name, parent.run_id, run_store.uri, pipeline_root, time.time() - start)
-        names = [run_name_of(s.id, item) for s in recipe.steps for item in (s.variants or [None])]
+        names = [name for s in recipe.steps for name, _ in s.runs()]
         order = {name: i for i, name in enumerate(names)}  # recipe order (kfp.local runs in a topological one)
         children = copy_child_metrics(tracker, parent.run_id)
         for run in sorted(children, key=lambda r: (order.get(r.info.run_name, len(order)), r.info.start_time)):

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmfab.config.recipe import Recipe, as_refs, list_families, load_recipe
+from llmfab.config.recipe import Recipe, as_refs, is_uri, list_families, load_recipe
 from llmfab.errors import ConfigError
 from llmfab.images import stage_group
 from llmfab.kube.trainjob import MLFLOW_KEYS, MLFLOW_SECRET, S3_KEYS, S3_SECRET
@@ -66,8 +66,13 @@ def needs_gpu(stage: str) -> bool:
     return stage_group(stage).gpu
 
 
-def _is_uri(ref: str) -> bool:
-    return "://" in ref or ref.startswith(("/", "./"))
+def _configure(task, name: str, stage: str | None, settings: KubernetesSettings):
+    """What every task gets: its display name, no caching (every run is its own MLflow runs and checkpoints), and
+    the cluster settings (a GPU only for `stage` of a GPU group)."""
+    task.set_display_name(name)
+    task.set_caching_options(False)
+    _apply_kubernetes(task, stage, settings)
+    return task
 
 
 def _apply_kubernetes(task, stage: str | None, settings: KubernetesSettings) -> None:
@@ -93,17 +98,17 @@ def _step_arguments(step, tasks: dict, family: str) -> dict:
     args: dict = {}
     for name, refs in step.inputs.items():
         if is_list_input(step.stage, name):
-            if isinstance(refs, str) and not _is_uri(refs) and tasks[refs.partition(".")[0]].parallel:
+            if isinstance(refs, str) and not is_uri(refs) and tasks[refs.partition(".")[0]].parallel:
                 src, _, out = refs.partition(".")
                 args[input_param(name)] = dsl.Collected(tasks[src].task.outputs[uri_output(out)])
             else:
                 args[input_param(name)] = [
-                    r if _is_uri(r) else tasks[r.partition(".")[0]].task.outputs[uri_output(r.partition(".")[2])]
+                    r if is_uri(r) else tasks[r.partition(".")[0]].task.outputs[uri_output(r.partition(".")[2])]
                     for r in as_refs(refs)
                 ]
         elif isinstance(refs, list):
             raise ConfigError(f"{family} step {step.id}: input {name} of stage {step.stage} takes one step")
-        elif _is_uri(refs):
+        elif is_uri(refs):
             imported = dsl.importer(
                 artifact_uri=refs, artifact_class=getattr(dsl, artifact_type(name)), metadata={STORE_URI: refs}
             )
@@ -128,10 +133,8 @@ class _Placed:
 def _step_task(component, step, item, args: dict, common: dict, settings: KubernetesSettings, launch) -> _Placed:
     extra = {"launch": launch.model_dump_json(exclude_none=True)} if launch is not None else {}
     task = component(step_id=step.id, variant=item if item is not None else "", **common, **args, **extra)
-    task.set_display_name(step.id)
-    task.set_caching_options(False)  # every run is its own MLflow runs and checkpoints
     # A TrainJob's pods get the GPUs; the task that submits and follows it needs none.
-    _apply_kubernetes(task, step.stage if launch is None else None, settings)
+    _configure(task, step.id, step.stage if launch is None else None, settings)
     return _Placed(task, item is not None)
 
 
@@ -156,11 +159,14 @@ def build_pipeline(
     settings = kubernetes or KubernetesSettings()
     trainjobs = dict(trainjobs or {})
     for step_id in trainjobs:
-        matching = [s for s in recipe.steps if s.id == step_id]
-        if not matching:
-            raise ConfigError(f"trainjob {step_id!r}: no such step; steps: {', '.join(s.id for s in recipe.steps)}")
-        if not launchable(matching[0].stage):
-            raise ConfigError(f"trainjob {step_id!r}: stage {matching[0].stage} does not train; it runs in its task")
+        try:
+            stage = recipe.step(step_id).stage
+        except KeyError:
+            raise ConfigError(
+                f"trainjob {step_id!r}: no such step; steps: {', '.join(s.id for s in recipe.steps)}"
+            ) from None
+        if not launchable(stage):
+            raise ConfigError(f"trainjob {step_id!r}: stage {stage} does not train; it runs in its task")
     components = {s.stage: stage_component(s.stage, registry, tag) for s in recipe.steps}
     open_run_op = open_run_component(registry, tag)
     close_run_op = close_run_component(registry, tag)
@@ -185,9 +191,7 @@ def build_pipeline(
             tracking_uri=tracking_uri,
             experiment=experiment,
         )
-        closing.set_display_name("close-run")
-        closing.set_caching_options(False)
-        _apply_kubernetes(closing, None, settings)
+        _configure(closing, "close-run", None, settings)
         with dsl.ExitHandler(closing, name="steps"):
             opened = open_run_op(
                 recipe=family,
@@ -200,9 +204,7 @@ def build_pipeline(
                 parent_run_id=parent_run_id,
                 kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             )
-            opened.set_display_name("open-run")
-            opened.set_caching_options(False)
-            _apply_kubernetes(opened, None, settings)
+            _configure(opened, "open-run", None, settings)
             tasks: dict = {}
             values: dict = {}  # (step, value) -> its step-value task
             common = dict(
@@ -215,28 +217,28 @@ def build_pipeline(
             )
             for step in recipe.steps:
                 args = _step_arguments(step, tasks, family_name)
+
+                def place(item=None, step=step, args=args):
+                    launch = trainjobs.get(step.id)
+                    return _step_task(components[step.stage], step, item, args, common, settings, launch)
+
                 if step.when:
                     key = (step.when.step, step.when.value)
                     if key not in values:
-                        values[key] = step_value_op(value=tasks[step.when.step].outputs[step.when.value])
-                        values[key].set_display_name(f"{step.when.step}-{step.when.value}")
-                        values[key].set_caching_options(False)
-                        _apply_kubernetes(values[key], None, settings)
-                    condition = values[key].output == step.when.equals
-                    with dsl.If(condition, name=f"{step.id}-condition"):
-                        tasks[step.id] = _step_task(
-                            components[step.stage], step, None, args, common, settings, trainjobs.get(step.id)
+                        values[key] = _configure(
+                            step_value_op(value=tasks[step.when.step].outputs[step.when.value]),
+                            f"{step.when.step}-{step.when.value}",
+                            None,
+                            settings,
                         )
+                    with dsl.If(values[key].output == step.when.equals, name=f"{step.id}-condition"):
+                        tasks[step.id] = place()
                 elif step.variants:
                     items = [json.dumps(item, sort_keys=True) for item in step.variants]
                     with dsl.ParallelFor(items, parallelism=loop_parallelism or 0, name=f"{step.id}-loop") as item:
-                        tasks[step.id] = _step_task(
-                            components[step.stage], step, item, args, common, settings, trainjobs.get(step.id)
-                        )
+                        tasks[step.id] = place(item)
                 else:
-                    tasks[step.id] = _step_task(
-                        components[step.stage], step, None, args, common, settings, trainjobs.get(step.id)
-                    )
+                    tasks[step.id] = place()
 
     pipeline.__name__ = family_name
     return dsl.pipeline(name=f"{PIPELINE_PREFIX}{family_name}", description=description)(pipeline)

@@ -39,23 +39,17 @@ def write_pointer(artifact: Any, uri: str, **metadata: str) -> None:
     path.write_text(json.dumps({STORE_URI: uri, **metadata}), encoding="utf-8")
 
 
-RUN_ID, RUN_STORE = "run_id", "store_uri"  # open-run's artifact metadata: what every step task needs of the run
+RUN_ID = "run_id"  # open-run's artifact: a pointer to the run's store prefix, with the parent MLflow run id
 
 
 def write_run_context(artifact: Any, run_id: str, store_uri: str) -> None:
     """open-run's output artifact: the parent MLflow run and the run's store prefix, for every step task."""
-    artifact.metadata.update({RUN_ID: run_id, RUN_STORE: store_uri})
-    path = Path(artifact.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({RUN_ID: run_id, RUN_STORE: store_uri}), encoding="utf-8")
+    write_pointer(artifact, store_uri, **{RUN_ID: run_id})
 
 
 def run_context(artifact: Any) -> tuple[str, str]:
     """(parent MLflow run id, run store URI) from open-run's artifact."""
-    metadata = getattr(artifact, "metadata", None) or {}
-    if not metadata.get(RUN_STORE):
-        raise LlmfabError(f"pipeline_run artifact {getattr(artifact, 'uri', artifact)!r} has no {RUN_STORE!r}")
-    return str(metadata.get(RUN_ID) or ""), str(metadata[RUN_STORE])
+    return str(artifact.metadata.get(RUN_ID) or ""), artifact_uri("pipeline_run", artifact)
 
 
 def open_run(
@@ -72,10 +66,12 @@ def open_run(
     """(parent MLflow run id, this run's store URI). With `parent_run_id` given (a local run, whose CLI holds the
     parent run open), only the store location is worked out; else a parent run is created and tagged."""
     from llmfab.config.recipe import load_recipe
+    from llmfab.recipe_runner import log_pipeline_run
     from llmfab.storage import open_store
     from llmfab.tracking import TrackedRun, Tracker
 
-    loaded = load_recipe(recipe, preset, list(overrides or []))
+    # A local run (the CLI named and holds the run) needs only the store location, not the recipe.
+    loaded = None if parent_run_id and run_name else load_recipe(recipe, preset, list(overrides or []))
     run_name = run_name or f"{loaded.family}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_store = open_store(store or None).sub(f"runs/{run_name}")
     if parent_run_id:
@@ -85,9 +81,7 @@ def open_run(
     # Left RUNNING: the pipeline's exit task (close_run) ends it with the pipeline's status.
     created = tracker.client.create_run(tracker.experiment_id, run_name=run_name, tags=tags)
     parent = TrackedRun(tracker.client, created.info.run_id, tracker.experiment_id)
-    parent.log_params({"family": loaded.family, "preset": preset, "overrides": list(overrides or [])})
-    parent.log_dict(loaded.plan(), "recipe_plan.json")
-    parent.log_system_info()
+    log_pipeline_run(parent, loaded, overrides)
     return parent.run_id, run_store.uri
 
 
