@@ -7,7 +7,7 @@ STAMP := $(VENV)/.llmfab-installed
 EXTRAS ?= train,kfp,deepspeed,dev
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow lint setup clean
+.PHONY: run test test-slow bench lint setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(STAMP) lint
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) llmfab-store mlflow.db .pytest_cache

@@ -134,9 +134,15 @@ DPO_LLAMA_OMO = {
 
 
 def test_dpo_llama_variant_with_online_merging_resumes_exactly(testbed, models, tmp_path, monkeypatch):
+    import llmfab.stages.dpo as dpo_stage
+
+    scored = []  # the reference scores only the pairs the run's 6 steps x 4 read, not the whole dataset
+    real = dpo_stage.reference_logps
+    monkeypatch.setattr(dpo_stage, "reference_logps", lambda m, rows, *a: scored.append(rows) or real(m, rows, *a))
     inputs = {"model": models["teacher"], "data": testbed["preferences"], "base": models["base"]}
     full = _run("dpo", DPO_LLAMA_OMO, inputs, tmp_path / "full")
     assert {"train_nll_chosen", "train_reward_accuracy", "train_reward_margin"} <= set(full.metrics)
+    assert len(scored[0]["chosen_ids"]) == 6 * 4 < len(read_dataset(testbed["preferences"], "preference", "train"))
 
     monkeypatch.setenv(FAULT_ENV, "5")
     with pytest.raises(InjectedFault):

@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 from llmfab.config.base import StrictModel
+from llmfab.tracking import timing
 
 
 @torch.no_grad()
@@ -46,9 +47,14 @@ def generate(
                 if temperature > 0
                 else {"do_sample": False}
             )
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **sampling
-            )
+            with timing.timed("generate"):
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stop,
+                    **sampling,
+                )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             finished.extend(torch.isin(new_tokens.cpu(), stop_ids).any(-1).tolist())

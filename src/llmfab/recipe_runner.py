@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -50,8 +51,11 @@ def run_recipe(
     run_name: str | None = None,
     show_progress: bool | None = None,
     only: list[str] | None = None,
+    reuse: dict[str, dict[str, str]] | None = None,
 ) -> PipelineResult:
-    """Run the recipe's steps in order (or just `only`, with earlier outputs recomputed as needed)."""
+    """Run the recipe's steps in order (or just `only`, with earlier outputs recomputed as needed). Steps
+    named in `reuse` are not run: their outputs are taken from it (e.g. an earlier run's data, as KFP's cache
+    would)."""
     unknown = sorted(set(only or []) - {s.id for s in recipe.steps})
     if unknown:
         raise ConfigError(f"--only {', '.join(unknown)}: no such step; steps: {', '.join(s.id for s in recipe.steps)}")
@@ -66,6 +70,10 @@ def run_recipe(
         values: dict[str, dict[str, str]] = {}
         for step in recipe.steps:
             if only and step.id not in only and not _needed_by(step.id, only, recipe):
+                continue
+            if reuse and step.id in reuse:
+                outputs[step.id] = dict(reuse[step.id])
+                parent.set_tags({f"llmfab.reused.{step.id}": json.dumps(outputs[step.id])})
                 continue
             if step.when and values.get(step.when.step, {}).get(step.when.value) != step.when.equals:
                 parent.set_tags({f"llmfab.skipped.{step.id}": f"{step.when} is false"})

@@ -10,6 +10,7 @@ import torch
 from llmfab.data.io import iter_records
 from llmfab.data.tasks import first_int
 from llmfab.errors import DataError, NoSplitError
+from llmfab.tracking import timing
 from llmfab.train.packing import IGNORE
 
 
@@ -89,6 +90,7 @@ def _answer_nll(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
 
 
 @torch.no_grad()
+@timing.timed_fn("score")
 def needle_eval(model, tokenizer, length: int, filler: list[str], n_samples: int = 8, seed: int = 1234):
     """At depths spread over a `length`-token haystack: accuracy of the greedy answer, mean NLL
     per answer token, and the retrieval margin NLL(a random number) − NLL(the planted number),

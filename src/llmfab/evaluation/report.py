@@ -13,6 +13,7 @@ from llmfab.data.chat import encode_response
 from llmfab.data.tasks import TASKS
 from llmfab.evaluation.gold import score_gold
 from llmfab.generation import sample_chat
+from llmfab.tracking import timing
 from llmfab.train.lm import eval_lm_loss, perplexity
 from llmfab.train.packing import IGNORE
 from llmfab.train.pairs import reward_scores_of_ids
@@ -38,6 +39,7 @@ def heldout_loss(model, tokenizer, uri: str, max_len: int, limit: int, batch_siz
 
 
 @torch.no_grad()
+@timing.timed_fn("score")
 def compare_sampled(
     policy,
     tokenizer,

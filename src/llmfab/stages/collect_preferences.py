@@ -23,6 +23,7 @@ from llmfab.evaluation.gold import score_gold
 from llmfab.generation import SamplingConfig
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.distributed import training_device
 from llmfab.train.pairs import reward_scores
 
 
@@ -76,7 +77,7 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
     if config.annotator == "verifier":
         scores = score_gold([prompts[i] for i, _ in flat], [a for _, a in flat])
     else:
-        rm = load_model(inputs["reward_model"], kind="reward").eval()
+        rm = load_model(inputs["reward_model"], kind="reward").eval().to(training_device())  # a GPU if there is one
         scores = reward_scores(rm, tokenizer, [texts[i] for i, _ in flat], [a for _, a in flat]).tolist()
     by_prompt: dict[int, list[tuple[str, float]]] = {}
     for (i, answer), score in zip(flat, scores, strict=True):

@@ -41,14 +41,17 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     train = read_dataset(inputs["data"], "preference", "train")
     rows = encode_pairs(tokenizer, train, config.max_len, mask_formatting=config.mask_formatting, where=inputs["data"])
     order = torch.randperm(len(rows["chosen_ids"]), generator=torch.Generator().manual_seed(config.seed))
-    rows = {k: v[order] for k, v in rows.items()}  # the seed sets the data order
+    tc = config.train
+    # The seed sets the data order; batches are consecutive slices of it, so a run of S steps reads only
+    # its first S x batch pairs: the reference scores those, not the whole dataset (3.5x fewer on tiny).
+    used = min(len(order), tc.max_steps * micro_batches_per_step(tc.grad_accum) * tc.batch_size)
+    rows = {k: v[order[:used]] for k, v in rows.items()}
     reference = load_model(inputs.get("reference", inputs["model"]))
-    rows["ref_chosen"], rows["ref_rejected"] = reference_logps(reference, rows, config.train.batch_size)
+    rows["ref_chosen"], rows["ref_rejected"] = reference_logps(reference, rows, tc.batch_size, tc.precision)
     del reference
-    ctx.log_params({"train_pairs": len(rows["chosen_ids"])})
+    ctx.log_params({"train_pairs": len(order), "train_pairs_used": used})
     records = eval_records(config.eval, inputs, ("data", "preference"))
     log_gold_eval(model, tokenizer, records, config.eval, ctx, "_before")
-    tc = config.train
     trainer = Trainer(
         model,
         tc,

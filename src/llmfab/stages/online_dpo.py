@@ -15,6 +15,7 @@ from llmfab.generation import generate_chat
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import training_device
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
 from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps, reward_scores
 from llmfab.train.rollouts import EpisodeBatches
@@ -113,7 +114,8 @@ class Episodes:
                 "samples/episode0_pairs.json",
             )
         rows = encode_pairs(self.tok, pairs, cfg.max_len, mask_formatting=cfg.mask_formatting, where="episode pairs")
-        rows["ref_chosen"], rows["ref_rejected"] = reference_logps(self.reference, rows, cfg.train.batch_size)
+        ref = reference_logps(self.reference, rows, cfg.train.batch_size, cfg.train.precision)
+        rows["ref_chosen"], rows["ref_rejected"] = ref
         return rows
 
 
@@ -137,7 +139,9 @@ def run(config: OnlineDPOConfig, inputs: dict[str, str], ctx: StageContext) -> d
     tokenizer = load_tokenizer(inputs["model"])
     policy = load_model(inputs["model"])
     reference = load_model(inputs.get("reference", inputs["model"])).eval().requires_grad_(False)
+    # The reward model scores every sample: next to the policy (a GPU when there is one).
     reward_model = load_model(inputs["reward_model"], kind="reward").eval().requires_grad_(False)
+    reward_model.to(training_device())
     prompts = read_dataset(inputs["prompts"], "prompt", "train")
     if not prompts:
         raise DataError(f"{inputs['prompts']}: no training prompts")

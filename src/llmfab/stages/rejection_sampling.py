@@ -18,6 +18,7 @@ from llmfab.generation import SamplingConfig
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages import sft as sft_stage
 from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.distributed import training_device
 from llmfab.train.pairs import reward_scores
 
 
@@ -54,7 +55,7 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     texts = [r["prompt"] for r in prompts]
     # (answer, sampler index) per prompt
     candidates = config.sample_answers(samplers, tokenizer, texts, seed=config.seed * 104_729)
-    reward_model = load_model(inputs["reward_model"], kind="reward")
+    reward_model = load_model(inputs["reward_model"], kind="reward").to(training_device())  # a GPU if there is one
     flat = [(i, answer, who) for i, slot in enumerate(candidates) for answer, who in slot]
     if not flat:
         raise DataError("rejection_sampling: no answer kept (every sample was cut off by max_new_tokens)")

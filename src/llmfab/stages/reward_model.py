@@ -16,6 +16,7 @@ from llmfab.losses.preference import bradley_terry_loss
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.merge import average_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.tracking import timing
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.pairs import AFM_LEVEL_LABELS, encode_pairs, pair_batch, trim
@@ -53,6 +54,7 @@ def reward_loss(config: RewardModelConfig):
 
 
 @torch.no_grad()
+@timing.timed_fn("score")
 def pairwise_accuracy(model, rows: dict[str, torch.Tensor], levels: list[int | None], batch_size: int = 32):
     """Held-out accuracy (chosen scored above rejected) overall and per preference level."""
     model.eval()

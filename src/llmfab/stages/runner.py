@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from llmfab.errors import LlmfabError
 from llmfab.stages.base import StageConfig, StageContext, get_stage
 from llmfab.storage import ObjectStore, open_store
-from llmfab.tracking import Tracker
+from llmfab.tracking import Tracker, timing
 from llmfab.tracking.mlflow_tracker import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def run_stage(
     parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
     if show_progress is None:
         show_progress = os.environ.get("LLMFAB_PROGRESS", "1") != "0"
-    start = time.time()
+    start, spent_before = time.time(), timing.totals()
 
     def call(run) -> StageResult:
         ctx = StageContext(
@@ -75,13 +75,14 @@ def run_stage(
             raise LlmfabError(f"stage {stage} did not produce output(s) {', '.join(missing)}")
         outputs = {k: v for k, v in returned.items() if k not in spec.values}
         values = {k: str(returned[k]) for k in spec.values}
+        seconds = time.time() - start
+        spent = {f"time_{k}_s": v - spent_before[k] for k, v in timing.totals().items()}
+        ctx.log_metrics({"stage_seconds": seconds, **spent})  # where the time went: the overhead benchmark
         if run is not None:
             for name, uri in outputs.items():
                 run.link_artifact(name, uri)
             if values:
                 run.set_tags({f"llmfab.value.{k}": v for k, v in values.items()})
-            run.log_metrics({"stage_seconds": time.time() - start})
-        seconds = time.time() - start
         return StageResult(dict(outputs), dict(ctx.metrics), run.run_id if run else None, seconds, values)
 
     log.info("stage %s (%s) -> %s", step_id, stage, store.uri)

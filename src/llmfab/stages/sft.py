@@ -46,6 +46,7 @@ class SFTConfig(StageConfig):
 def teacher_kl(teacher, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Forward KL(teacher || student) per response token (labels != -100)."""
     with torch.no_grad():
+        teacher.to(batch["input_ids"].device)  # next to the student (a GPU when there is one); a no-op after
         t_logits = teacher(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
     return generalized_jsd(logits[:, :-1], t_logits[:, :-1], batch["labels"][:, 1:], beta=0.0)
 

@@ -10,6 +10,7 @@ import torch
 
 from llmfab.data.io import iter_records
 from llmfab.errors import DataError, NoSplitError
+from llmfab.tracking import timing
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
 
 
 @torch.no_grad()
+@timing.timed_fn("score")
 def eval_lm_loss(model, packed: dict[str, torch.Tensor], batch_size: int = 8) -> float:
     """Token-weighted mean loss over packed rows."""
     model.eval()

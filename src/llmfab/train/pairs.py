@@ -13,6 +13,7 @@ import torch
 
 from llmfab.data.chat import encode_response, formatting_mask
 from llmfab.errors import DataError
+from llmfab.tracking import timing
 from llmfab.train.lm import step_batch
 
 log = logging.getLogger(__name__)
@@ -93,18 +94,24 @@ def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def reference_logps(model, rows: dict[str, torch.Tensor], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of every chosen and rejected response under `model` (computed once)."""
+@timing.timed_fn("score")
+def reference_logps(
+    model, rows: dict[str, torch.Tensor], batch_size: int = 16, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of every chosen and rejected response under `model` (computed once), on the training
+    device and under the training's autocast, so step 0's policy log-probs equal them."""
     from llmfab.losses.preference import sequence_logps
+    from llmfab.train.distributed import training_device
 
-    model.eval()
-    device = next(model.parameters()).device
+    device = training_device()
+    model.eval().to(device)
     chosen, rejected = [], []
     n = len(rows["chosen_ids"])
     for i in range(0, n, batch_size):
         batch = trim({k: v[i : i + batch_size] for k, v in rows.items()})
         ids, mask = stacked(batch)
-        logits = model(input_ids=ids.to(device), use_cache=False).logits
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(input_ids=ids.to(device), use_cache=False).logits
         logps = sequence_logps(logits, ids.to(device), mask.to(device)).cpu()
         c, r = logps.chunk(2)
         chosen.append(c)
@@ -119,6 +126,7 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
 
 
 @torch.no_grad()
+@timing.timed_fn("score")
 def reward_scores_of_ids(reward_model, encoded: list[list[int]], pad_token_id: int, batch_size: int = 32):
     """The reward model's scalar score of each already-encoded conversation."""
     reward_model.eval()

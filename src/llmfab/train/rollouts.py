@@ -20,6 +20,7 @@ from llmfab.evaluation.gold import score_gold
 from llmfab.generation import sample_chat
 from llmfab.losses.preference import sequence_logps
 from llmfab.losses.rl import kl_penalized_rewards, leave_one_out_advantages
+from llmfab.tracking import timing
 from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.lm import step_batch
 from llmfab.train.pairs import pad_right, reward_scores_of_ids
@@ -52,6 +53,7 @@ class RolloutConfig(StrictModel):
 
 
 @torch.no_grad()
+@timing.timed_fn("score")
 def batched_sequence_logps(model, rows: Rows, batch_size: int = 32) -> torch.Tensor:
     """Σ log π(response | prompt) of every row under `model`."""
     model.eval()

@@ -40,6 +40,7 @@ from llmfab.storage.checkpoint import (
     step_name,
     write_checkpoint,
 )
+from llmfab.tracking import timing
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import (
     all_reduce_sum,
@@ -296,44 +297,45 @@ class Trainer:
         bar = ctx.progress(total=cfg.max_steps, initial=self.step, desc=f"{self.ctx.step_id} train")
         tokens, started = 0, time.time()
         while self.step < cfg.max_steps:
-            mult = lr_multiplier(self.step, cfg.max_steps, opt.warmup_steps, opt.schedule, opt.min_lr_ratio)
-            for group in self.optimizer.param_groups:
-                group["lr"] = opt.lr * mult
-            self.optimizer.zero_grad(set_to_none=True)
-            total, extra, step_tokens = 0.0, {}, 0
-            for micro in range(cfg.grad_accum):
-                # Each rank takes its own micro-batches of the same global step.
-                batch = batch_for_step(self.step, micro * self.world_size + self.rank)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                # DDP all-reduces gradients in the backward of the step's last micro-batch only.
-                last = micro == cfg.grad_accum - 1
-                with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                    with self._autocast():
-                        loss, metrics = self.loss_fn(forward, batch)
-                    if self.world_size == 1 and not torch.isfinite(loss):
-                        raise TrainingError(self._non_finite(loss.item()))
-                    if self.engine is not None:
-                        self.engine.backward(loss)  # DeepSpeed scales by the accumulation steps itself
-                        self.engine.step()  # applies the update at the accumulation boundary only
-                    else:
-                        # Under DDP every rank runs the backward (a non-finite loss is caught after the
-                        # step's all-reduce, on all ranks at once, so none is left waiting).
-                        (loss / cfg.grad_accum).backward()
-                total += loss.item() / cfg.grad_accum
-                for k, v in metrics.items():
-                    extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
-                step_tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
-            total, extra, step_tokens = self._global_means(total, extra, step_tokens)
-            tokens += step_tokens
-            if not math.isfinite(total):
-                raise TrainingError(self._non_finite(total))
-            if self.engine is not None:
-                grad_norm = self.engine.get_global_grad_norm() or 0.0
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], opt.max_grad_norm or math.inf
-                )
-                self.optimizer.step()
+            with timing.timed("train"):  # the optimizer step itself (not evaluation or checkpoints)
+                mult = lr_multiplier(self.step, cfg.max_steps, opt.warmup_steps, opt.schedule, opt.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = opt.lr * mult
+                self.optimizer.zero_grad(set_to_none=True)
+                total, extra, step_tokens = 0.0, {}, 0
+                for micro in range(cfg.grad_accum):
+                    # Each rank takes its own micro-batches of the same global step.
+                    batch = batch_for_step(self.step, micro * self.world_size + self.rank)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    # DDP all-reduces gradients in the backward of the step's last micro-batch only.
+                    last = micro == cfg.grad_accum - 1
+                    with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                        with self._autocast():
+                            loss, metrics = self.loss_fn(forward, batch)
+                        if self.world_size == 1 and not torch.isfinite(loss):
+                            raise TrainingError(self._non_finite(loss.item()))
+                        if self.engine is not None:
+                            self.engine.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+                            self.engine.step()  # applies the update at the accumulation boundary only
+                        else:
+                            # Under DDP every rank runs the backward (a non-finite loss is caught after the
+                            # step's all-reduce, on all ranks at once, so none is left waiting).
+                            (loss / cfg.grad_accum).backward()
+                    total += loss.item() / cfg.grad_accum
+                    for k, v in metrics.items():
+                        extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
+                    step_tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
+                total, extra, step_tokens = self._global_means(total, extra, step_tokens)
+                tokens += step_tokens
+                if not math.isfinite(total):
+                    raise TrainingError(self._non_finite(total))
+                if self.engine is not None:
+                    grad_norm = self.engine.get_global_grad_norm() or 0.0
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for g in self.optimizer.param_groups for p in g["params"]], opt.max_grad_norm or math.inf
+                    )
+                    self.optimizer.step()
             self.step += 1
             self.history.append(total)
             bar.update(1)
@@ -358,6 +360,7 @@ class Trainer:
         return f"step {self.step + 1}: loss is {loss}; stopping (last good checkpoint kept at {self.ckpt_store.uri})"
 
     @torch.no_grad()
+    @timing.timed_fn("score")
     def evaluate(self) -> dict[str, float]:
         """`eval_fn` on the bare model (every rank runs it on the same weights, so all agree)."""
         was_training = self.model.training
