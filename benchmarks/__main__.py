@@ -40,13 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     parser.add_argument("--quick", action="store_true", help="smoke-sized runs (checks the plumbing, not speed)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
+    parser.add_argument("--efficacy-scale", type=float, help="share of the tiny preset's steps (default 0.04)")
+    parser.add_argument("--efficacy-seeds", type=int, nargs="+", help="seeds of the efficacy runs (default 0 1 2)")
     args = parser.parse_args(argv)
+    options = {"efficacy": {"scale": args.efficacy_scale, "seeds": args.efficacy_seeds}}
     report = {"machine": machine(), "quick": args.quick, "sections": {}}
     print(f"# llmfab benchmarks ({report['machine']['date']}, {report['machine']['cpus']} CPUs)", flush=True)
     start = time.time()
     for name in args.only:
         began = time.time()
-        result = importlib.import_module(f"benchmarks.{name}").run(quick=args.quick)
+        result = importlib.import_module(f"benchmarks.{name}").run(quick=args.quick, **options.get(name, {}))
         result["seconds"] = time.time() - began
         report["sections"][name] = result
         print(f"\n## {name} ({result['seconds']:.0f} s)\n", flush=True)

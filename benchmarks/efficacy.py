@@ -5,26 +5,33 @@ Each family's recipe runs in process (the same stages and order as its Kubeflow 
 preset with two kinds of overrides:
 - LEARNABLE: the testbed's tasks a 128-wide model can learn to answer for unseen prompts (single-digit
   arithmetic, "repeat the word n times"; the tiny preset's full task mix leaves every family at gold 0)
-  and enough held-out prompts (200) for the gold reward to move in steps of 0.005;
-- SHORTER: fewer optimizer steps and samples, so that 4 families x 3 seeds fit the benchmark's budget.
+  and 200 held-out prompts (each stage answers 64 of them, greedily);
+- SHORTER: a share of the preset's optimizer steps and samples (`shrink`), so that 4 families x 3 seeds fit
+  the benchmark's budget; `--efficacy-scale 1` runs the tiny preset's own step counts.
 Only the seed changes between a family's runs (every stage's `seed`: initialisation, data order,
-sampling); the dataset is the same testbed for all runs, and each family's tokenizer is trained once.
+sampling); the dataset is the same testbed for all runs (built once), the tokenizer is deterministic.
+Runs go two at a time, each in its own single-threaded process.
 The metrics are those the stages log themselves: held-out loss, gold reward (greedy, held-out prompts),
 reward-model accuracy (held-out pairs), needle retrieval; the final `evaluate` adds win rates and KL.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import run_isolated, table
 
 FAMILIES = ("qwen2", "afm", "gemma2", "llama31")
 SEEDS = (0, 1, 2)
-UNSEEDED = {"data", "tokenizer"}  # the testbed and the tokenizer are shared by every seed
+UNSEEDED = {"data", "tokenizer"}  # the testbed is shared by every run; the tokenizer is deterministic
+COST = {"gemma2": 3, "afm": 2, "llama31": 2, "qwen2": 1}  # relative run time, to balance the workers
 
+# Not measured here: the tokenizer's multilingual report (a BPE trained per vocabulary size).
+UNMEASURED = ("tokenizer.report=null",)
 LEARNABLE = (
     "data.tasks=[arithmetic,format]",
     "data.format_kinds=[repeat]",
@@ -35,10 +42,12 @@ LEARNABLE = (
 
 # A stage's optimizer steps and sample counts, scaled: SHORTER for the efficacy runs (the tiny preset takes
 # 5-9 minutes a run), QUICK for the smoke test (a few steps each: the plumbing, not efficacy).
-SHORTER = 0.4
+SHORTER = 0.04
 QUICK = 0.02
 COUNTS = ("n_docs", "episodes", "prompts_per_episode", "max_prompts", "max_examples")
-QUANTA = ("inner_steps", "average_last", "steps_per_rollout")  # max_steps must stay a multiple of these
+# Long-context Q&A documents vary in length: fewer of them may leave none that fits the context stage.
+KEEP = {("long_qa", "n_docs")}
+QUANTA = ("inner_steps", "average_last", "steps_per_rollout", "episodes")  # max_steps stays a multiple of these
 
 
 def shrink(family: str, factor: float, floor: int = 4) -> list[str]:
@@ -53,79 +62,74 @@ def shrink(family: str, factor: float, floor: int = 4) -> list[str]:
     for step, cfg in config.items():
         if not isinstance(cfg, dict):
             continue
+        counts = {k: max(2, round(cfg[k] * factor)) for k in COUNTS if k in cfg and (step, k) not in KEEP}
+        out += [f"{step}.{k}={v}" for k, v in counts.items()]
         train = cfg.get("train") or (cfg.get("sft") or {}).get("train")  # rejection sampling nests its SFT
         if train and "max_steps" in train:
             where = f"{step}.train" if "train" in cfg else f"{step}.sft.train"
-            quantum = next((cfg[q] for q in QUANTA if q in cfg), 1)
+            quantum = next((({**cfg, **counts})[q] for q in QUANTA if q in cfg), 1)
             steps = max(min(train["max_steps"], floor), round(train["max_steps"] * factor))
             steps = max(quantum, steps // quantum * quantum)
             out.append(f"{where}.max_steps={steps}")
-            out.append(
-                f"{where}.optim.warmup_steps={min((train.get('optim') or {}).get('warmup_steps', 0), steps // 4)}"
-            )
+            warmup = (train.get("optim") or {}).get("warmup_steps", 0)
+            out.append(f"{where}.optim.warmup_steps={min(warmup, steps // 4)}")
             if train.get("checkpoint_every"):
                 out.append(f"{where}.checkpoint_every={max(quantum, steps // 2 // quantum * quantum)}")
-        out += [f"{step}.{k}={max(2, round(cfg[k] * factor))}" for k in COUNTS if k in cfg]
     return out
 
 
-# A model trained a few steps cannot pass Llama's needle gate on context length, nor give answers the verifier
-# tells apart: the smoke test does not gate, and ranks by the reward model.
-QUICK_EXTRA = {"llama31": ("context.gate=false", "preferences.annotator=reward_model")}
+# A model trained a share of the preset's steps cannot pass Llama's needle gate on context length (the stage
+# stops the pipeline, as it should): below the preset's own steps the context stage runs ungated. A model
+# trained a few steps (the smoke test) gives no answers the verifier tells apart: the reward model ranks.
+REDUCED_EXTRA = {"llama31": ("context.gate=false",)}
+QUICK_EXTRA = {"llama31": ("preferences.annotator=reward_model",)}
 
 
-def _overrides(family: str, seed: int, step_ids: list[str], quick: bool) -> list[str]:
-    overrides = [
-        *LEARNABLE,
-        *shrink(family, QUICK if quick else SHORTER),
-        *(QUICK_EXTRA.get(family, ()) if quick else ()),
-    ]
+def _overrides(family: str, seed: int, step_ids: list[str], scale: float) -> list[str]:
+    overrides = [*LEARNABLE, *UNMEASURED, *shrink(family, scale)]
+    overrides += REDUCED_EXTRA.get(family, ()) if scale < 1 else ()
+    overrides += QUICK_EXTRA.get(family, ()) if scale <= QUICK else ()
     return overrides + [f"{s}.seed={seed}" for s in step_ids if s not in UNSEEDED]
 
 
-def _recipe(family: str, seed: int, quick: bool):
+def _recipe(family: str, seed: int, scale: float):
     from llmfab.config.recipe import load_recipe
 
     step_ids = [s.id for s in load_recipe(family, "tiny").steps]
-    return load_recipe(family, "tiny", _overrides(family, seed, step_ids, quick))
+    return load_recipe(family, "tiny", _overrides(family, seed, step_ids, scale))
 
 
-def prepare(root: str, quick: bool) -> dict:
+def prepare(root: str, scale: float) -> dict:
     """The testbed every run trains and is measured on (one dataset: the families' tiny presets agree)."""
     from llmfab.stages.runner import run_stage
     from llmfab.storage import open_store
 
-    configs = {f: _recipe(f, 0, quick).step("data").config for f in FAMILIES}
+    configs = {f: _recipe(f, 0, scale).step("data").config for f in FAMILIES}
     if len({c.model_dump_json() for c in configs.values()}) != 1:
         raise RuntimeError("the families' data steps differ; the efficacy benchmark assumes one testbed")
     res = run_stage("prepare_data", configs["qwen2"], {}, store=open_store(root).sub("data"), track=False)
     return {"data": res.outputs, "seconds": res.seconds}
 
 
-def run_family(family: str, seeds: list[int], data: dict, root: str, quick: bool) -> dict:
-    """The family's recipe once per seed, in this process, tracked in `root`'s MLflow file."""
+def run_seed(family: str, seed: int, data: dict, root: str, scale: float) -> dict:
+    """The family's recipe with `seed`, in this process, tracked in its own MLflow file under `root`."""
     from llmfab.recipe_runner import run_recipe
 
-    reuse, runs = {"data": data}, []
-    for seed in seeds:
-        recipe = _recipe(family, seed, quick)
-        res = run_recipe(
-            recipe,
-            store_uri=str(Path(root) / "store"),
-            tracking_uri=f"sqlite:///{Path(root) / 'mlflow.db'}",
-            experiment="llmfab-efficacy",
-            run_name=f"{family}-seed{seed}",
-            show_progress=False,
-            reuse=reuse,
-        )
-        if "tokenizer" in res.steps:  # trained by the first seed's run, reused by the others
-            reuse["tokenizer"] = res.steps["tokenizer"].outputs
-        steps = {
-            name: {"stage": recipe.step(name.split("/")[0]).stage, "seconds": r.seconds, "metrics": r.metrics}
-            for name, r in res.steps.items()
-        }
-        runs.append({"seed": seed, "steps": steps})
-    return {"family": family, "runs": runs}
+    recipe = _recipe(family, seed, scale)
+    res = run_recipe(
+        recipe,
+        store_uri=str(Path(root) / "store"),
+        tracking_uri=f"sqlite:///{Path(root) / family}-{seed}.db",  # a file per run: runs go concurrently
+        experiment="llmfab-efficacy",
+        run_name=f"{family}-seed{seed}",
+        show_progress=False,
+        reuse={"data": data},
+    )
+    steps = {
+        name: {"stage": recipe.step(name.split("/")[0]).stage, "seconds": r.seconds, "metrics": r.metrics}
+        for name, r in res.steps.items()
+    }
+    return {"seed": seed, "steps": steps}
 
 
 # Columns of the per-stage table: the first metric a stage logs among the candidates.
@@ -192,18 +196,30 @@ def summary_table(results: list[dict]) -> str:
     )
 
 
-def run(quick: bool = False, families: tuple[str, ...] = FAMILIES, seeds: tuple[int, ...] | None = None) -> dict:
-    seeds = seeds or SEEDS
+def run(
+    quick: bool = False,
+    families: tuple[str, ...] = FAMILIES,
+    seeds: tuple[int, ...] | None = None,
+    scale: float | None = None,
+    workers: int | None = None,
+) -> dict:
+    """`scale`: the share of the tiny preset's steps and samples each stage runs (default SHORTER)."""
+    seeds, scale = seeds or SEEDS, scale or (QUICK if quick else SHORTER)
     with tempfile.TemporaryDirectory(prefix="llmfab-bench-efficacy-") as root:
-        shared = run_isolated("benchmarks.efficacy:prepare", {"root": root, "quick": quick}, threads=2)
-        results = [
-            run_isolated(
-                "benchmarks.efficacy:run_family",
-                {"family": f, "seeds": list(seeds), "data": shared["data"], "root": root, "quick": quick},
-                threads=2,
-            )
-            for f in families
-        ]
+        shared = run_isolated("benchmarks.efficacy:prepare", {"root": root, "scale": scale}, threads=1)
+
+        def one(job: tuple[str, int]) -> dict:
+            family, seed = job
+            kwargs = {"family": family, "seed": seed, "data": shared["data"], "root": root, "scale": scale}
+            return run_isolated("benchmarks.efficacy:run_seed", kwargs, threads=1)
+
+        # One single-threaded process per core: the tiny models gain nothing from a second intra-op thread
+        # here (3.4k tokens/s with one or two), so two runs at a time go ~2x faster than one with two.
+        # The slowest families start first, so the two workers finish together.
+        jobs = sorted(((f, s) for f in families for s in seeds), key=lambda j: COST.get(j[0], 1), reverse=True)
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            done = dict(zip(jobs, pool.map(one, jobs), strict=True))
+        results = [{"family": f, "runs": [done[(f, s)] for s in seeds]} for f in families]
     tables = [summary_table(results)] + [family_table(r) for r in results]
-    overrides = {"learnable": LEARNABLE, "shorter": SHORTER}
+    overrides = {"learnable": LEARNABLE, "scale": scale, "shrink": {f: shrink(f, scale) for f in families}}
     return {"tables": tables, "results": {"families": results, "overrides": overrides}}

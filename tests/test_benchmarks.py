@@ -13,7 +13,7 @@ from llmfab.config.recipe import load_recipe
 @pytest.mark.parametrize("factor", [efficacy.SHORTER, efficacy.QUICK])
 def test_shortened_recipes_are_valid_and_seeded(family, factor):
     full = load_recipe(family, "tiny")
-    short = efficacy._recipe(family, 7, quick=factor == efficacy.QUICK)
+    short = efficacy._recipe(family, 7, factor)
     assert [s.id for s in short.steps] == [s.id for s in full.steps]  # every stage still runs, in order
     for step in short.steps:
         cfg, ref = step.config, full.step(step.id).config
