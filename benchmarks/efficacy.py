@@ -78,17 +78,15 @@ def shrink(family: str, factor: float, floor: int = 4) -> list[str]:
     return out
 
 
-# A model trained a share of the preset's steps cannot pass Llama's needle gate on context length (the stage
-# stops the pipeline, as it should): below the preset's own steps the context stage runs ungated. A model
-# trained a few steps (the smoke test) gives no answers the verifier tells apart: the reward model ranks.
-REDUCED_EXTRA = {"llama31": ("context.gate=false",)}
-QUICK_EXTRA = {"llama31": ("preferences.annotator=reward_model",)}
+# A model trained on a share of the preset's steps cannot pass Llama's needle gate on context length (the stage
+# stops the pipeline, as it should), and its answers are often all wrong, so the verifier cannot rank them:
+# below the preset's own steps the context stage runs ungated and the reward model ranks the answers.
+REDUCED_EXTRA = {"llama31": ("context.gate=false", "preferences.annotator=reward_model")}
 
 
 def _overrides(family: str, seed: int, step_ids: list[str], scale: float) -> list[str]:
     overrides = [*LEARNABLE, *UNMEASURED, *shrink(family, scale)]
     overrides += REDUCED_EXTRA.get(family, ()) if scale < 1 else ()
-    overrides += QUICK_EXTRA.get(family, ()) if scale <= QUICK else ()
     return overrides + [f"{s}.seed={seed}" for s in step_ids if s not in UNSEEDED]
 
 
@@ -113,18 +111,22 @@ def prepare(root: str, scale: float) -> dict:
 
 def run_seed(family: str, seed: int, data: dict, root: str, scale: float) -> dict:
     """The family's recipe with `seed`, in this process, tracked in its own MLflow file under `root`."""
+    from llmfab.errors import LlmfabError
     from llmfab.recipe_runner import run_recipe
 
     recipe = _recipe(family, seed, scale)
-    res = run_recipe(
-        recipe,
-        store_uri=str(Path(root) / "store"),
-        tracking_uri=f"sqlite:///{Path(root) / family}-{seed}.db",  # a file per run: runs go concurrently
-        experiment="llmfab-efficacy",
-        run_name=f"{family}-seed{seed}",
-        show_progress=False,
-        reuse={"data": data},
-    )
+    try:
+        res = run_recipe(
+            recipe,
+            store_uri=str(Path(root) / "store"),
+            tracking_uri=f"sqlite:///{Path(root) / family}-{seed}.db",  # a file per run: runs go concurrently
+            experiment="llmfab-efficacy",
+            run_name=f"{family}-seed{seed}",
+            show_progress=False,
+            reuse={"data": data},
+        )
+    except LlmfabError as exc:  # a stage refused to go on (e.g. no finished answer to learn from): a result too
+        return {"seed": seed, "steps": {}, "failed": str(exc).splitlines()[0][:300]}
     steps = {
         name: {"stage": recipe.step(name.split("/")[0]).stage, "seconds": r.seconds, "metrics": r.metrics}
         for name, r in res.steps.items()
@@ -155,7 +157,10 @@ def _pick(metrics: dict, candidates: tuple[str, ...]) -> float | None:
 
 
 def family_table(res: dict) -> str:
-    runs = res["runs"]
+    failed = [f"seed {r['seed']} stopped: {r['failed']}" for r in res["runs"] if r.get("failed")]
+    runs = [r for r in res["runs"] if not r.get("failed")]
+    if not runs:
+        return f"### {res['family']}: every run stopped\n\n" + "\n".join(failed)
     rows = []
     first_gold = True
     for name, step in runs[0]["steps"].items():
@@ -171,26 +176,24 @@ def family_table(res: dict) -> str:
             first_gold = False
         secs = statistics.fmean(r["steps"][name]["seconds"] for r in runs)
         rows.append([name, step["stage"], *cells, f"{secs:.0f}"])
-    n = len(runs)
-    return table(
-        ["step", "stage", *COLUMNS, "s/run"], rows, f"{res['family']}: after each stage, mean ± sd over {n} seeds"
-    )
+    title = f"{res['family']}: after each stage, mean ± sd over {len(runs)} seeds"
+    return table(["step", "stage", *COLUMNS, "s/run"], rows, title) + "".join(f"\n\n{f}" for f in failed)
 
 
 def summary_table(results: list[dict]) -> str:
     rows = []
     for res in results:
-        runs = res["runs"]
+        runs = [r for r in res["runs"] if not r.get("failed")]
         final = [r["steps"]["evaluate"]["metrics"] for r in runs]
         sft = [r["steps"]["sft"]["metrics"].get("gold_reward") for r in runs if "sft" in r["steps"]]
-        minutes = statistics.fmean(sum(s["seconds"] for s in r["steps"].values()) for r in runs) / 60
+        minutes = statistics.fmean(sum(s["seconds"] for s in r["steps"].values()) for r in runs) / 60 if runs else 0
         rows.append(
             [res["family"], _spread([g for g in sft if g is not None])]
             + [_spread([m[k] for m in final if k in m]) for k in SUMMARY]
-            + [f"{minutes:.1f}"]
+            + [f"{minutes:.1f}" if runs else "–", f"{len(runs)}/{len(res['runs'])}"]
         )
     return table(
-        ["family", "SFT gold", *(f"final {k}" for k in SUMMARY), "min/run"],
+        ["family", "SFT gold", *(f"final {k}" for k in SUMMARY), "min/run", "runs completed"],
         rows,
         "Final model (evaluate stage, against the SFT model) per family, mean ± sd over seeds",
     )

@@ -51,7 +51,10 @@ def test_efficacy_tables_show_mean_and_spread():
     assert "| sft | sft | 2.000 ± 1.000 | 0.400 ± 0.200 | – | – | 2 |" in per_stage
     assert "(before sft)" in per_stage
     summary = efficacy.summary_table([res])
-    assert "| qwen2 | 0.400 ± 0.200 | 3.000 ± 0.000 | 0.500 ± 0.200 |" in summary
+    assert "| qwen2 | 0.400 ± 0.200 | 3.000 ± 0.000 | 0.500 ± 0.200 |" in summary and "| 3/3 |" in summary
+    res["runs"].append({"seed": 3, "steps": {}, "failed": "rejection_sampling: no answer kept"})
+    assert "| 3/4 |" in efficacy.summary_table([res])  # a run a stage stopped is counted, not averaged
+    assert "seed 3 stopped: rejection_sampling: no answer kept" in efficacy.family_table(res)
 
 
 @pytest.mark.slow
