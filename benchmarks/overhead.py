@@ -136,6 +136,7 @@ QUICK_OVERRIDES = (
     "pretrain.train.max_steps=2", "pretrain.train.checkpoint_every=0",
     "long_context.train.max_steps=2", "long_context.train.checkpoint_every=0",
     "sft.train.max_steps=2", "dpo.train.max_steps=2", "reward.train.max_steps=2",
-    "online_dpo.episodes=1", "online_dpo.prompts_per_episode=4", "online_dpo.train.max_steps=1",
+    "online_dpo.episodes=1", "online_dpo.prompts_per_episode=8", "online_dpo.train.max_steps=1",
+    "online_dpo.keep_truncated=true",  # a 2-step model rarely ends an answer: keep cut-off ones to pair
     "evaluate.prompts=4", "evaluate.heldout_conversations=4", "evaluate.sample_prompts=2", "evaluate.needle_samples=1",
 )  # fmt: skip

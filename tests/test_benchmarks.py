@@ -75,4 +75,5 @@ def test_benchmark_command_quick(tmp_path, monkeypatch):
     assert [f["family"] for f in fams] == list(efficacy.FAMILIES)
     for fam in fams:
         assert [r["seed"] for r in fam["runs"]] == [0, 1]
-        assert "gold_reward" in fam["runs"][0]["steps"]["evaluate"]["metrics"]
+        for r in fam["runs"]:  # a few steps may leave a stage nothing to learn from: it stops, and says so
+            assert r.get("failed") or "gold_reward" in r["steps"]["evaluate"]["metrics"]
