@@ -29,14 +29,19 @@ def table(headers: list[str], rows: list[list], title: str | None = None) -> str
     return "\n".join(lines)
 
 
+def child_env() -> dict:
+    """The environment of a measured child process: no progress bars, this checkout importable."""
+    env = dict(os.environ, LLMFAB_PROGRESS="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_isolated(target: str, kwargs: dict | None = None, *, threads: int | None = None, timeout: float = 1800) -> dict:
     """Call `module:function(**kwargs)` in a fresh Python process and return its JSON-able result dict,
     with `peak_rss_mb` (the child's maximum resident set) and `process_seconds` added."""
-    env = dict(os.environ)
+    env = child_env()
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.setdefault("LLMFAB_PROGRESS", "0")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs or {})],

@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, table
-
-KINDS = ("train", "generate", "score")
+from benchmarks.common import child_env, table
+from llmfab.tracking.timing import KINDS
 
 
 def _stage_rows(tracking_uri: str, run_name: str) -> list[dict]:
@@ -56,7 +55,7 @@ def measure(family: str = "qwen2", preset: str = "tiny", runner: str = "kfp-loca
         for o in overrides:
             cmd += ["--set", o]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=_env())
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=child_env())
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -79,14 +78,6 @@ def summarize(family: str, preset: str, runner: str, wall: float, stages: list[d
         "task_overhead_s": wall - in_stages,
         "overhead_share": (wall - sum(compute.values())) / wall,
     }
-
-
-def _env() -> dict:
-    import os
-
-    env = dict(os.environ, LLMFAB_PROGRESS="0")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    return env
 
 
 def tables(res: dict) -> list[str]:

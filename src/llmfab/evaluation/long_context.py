@@ -90,7 +90,7 @@ def _answer_nll(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def needle_eval(model, tokenizer, length: int, filler: list[str], n_samples: int = 8, seed: int = 1234):
     """At depths spread over a `length`-token haystack: accuracy of the greedy answer, mean NLL
     per answer token, and the retrieval margin NLL(a random number) − NLL(the planted number),

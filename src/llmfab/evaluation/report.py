@@ -39,7 +39,7 @@ def heldout_loss(model, tokenizer, uri: str, max_len: int, limit: int, batch_siz
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def compare_sampled(
     policy,
     tokenizer,

@@ -54,7 +54,7 @@ def reward_loss(config: RewardModelConfig):
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def pairwise_accuracy(model, rows: dict[str, torch.Tensor], levels: list[int | None], batch_size: int = 32):
     """Held-out accuracy (chosen scored above rejected) overall and per preference level."""
     model.eval()

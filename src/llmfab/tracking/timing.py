@@ -9,9 +9,8 @@ the stage's overhead, which the orchestration benchmark reports.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 KINDS = ("train", "generate", "score")  # optimizer steps; sampling; forward passes outside training
@@ -21,6 +20,7 @@ _open: list[list] = []  # [kind, since] of the sections entered and not yet left
 
 @contextmanager
 def timed(kind: str) -> Iterator[None]:
+    """A section of `kind`; also a decorator (`@timed("score")`), timing each call."""
     if kind not in _totals:
         raise ValueError(f"unknown timing kind {kind!r}; one of {', '.join(KINDS)}")
     now = time.perf_counter()
@@ -35,20 +35,6 @@ def timed(kind: str) -> Iterator[None]:
         _totals[kind] += now - since
         if _open:
             _open[-1][1] = now
-
-
-def timed_fn(kind: str) -> Callable:
-    """Decorator form of `timed`."""
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            with timed(kind):
-                return fn(*args, **kwargs)
-
-        return inner
-
-    return wrap
 
 
 def totals() -> dict[str, float]:

@@ -44,7 +44,7 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def eval_lm_loss(model, packed: dict[str, torch.Tensor], batch_size: int = 8) -> float:
     """Token-weighted mean loss over packed rows."""
     model.eval()

@@ -94,7 +94,7 @@ def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def reference_logps(
     model, rows: dict[str, torch.Tensor], batch_size: int = 16, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +126,7 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def reward_scores_of_ids(reward_model, encoded: list[list[int]], pad_token_id: int, batch_size: int = 32):
     """The reward model's scalar score of each already-encoded conversation."""
     reward_model.eval()

@@ -53,7 +53,7 @@ class RolloutConfig(StrictModel):
 
 
 @torch.no_grad()
-@timing.timed_fn("score")
+@timing.timed("score")
 def batched_sequence_logps(model, rows: Rows, batch_size: int = 32) -> torch.Tensor:
     """Σ log π(response | prompt) of every row under `model`."""
     model.eval()

@@ -360,7 +360,7 @@ class Trainer:
         return f"step {self.step + 1}: loss is {loss}; stopping (last good checkpoint kept at {self.ckpt_store.uri})"
 
     @torch.no_grad()
-    @timing.timed_fn("score")
+    @timing.timed("score")
     def evaluate(self) -> dict[str, float]:
         """`eval_fn` on the bare model (every rank runs it on the same weights, so all agree)."""
         was_training = self.model.training
