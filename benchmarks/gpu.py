@@ -163,6 +163,8 @@ def pair_rows(pairs: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
         "chosen_full_mask": mask.clone(),
         "rejected_ids": rejected,
         "rejected_mask": mask.clone(),
+        "chosen_length": torch.full((pairs,), seq_len),
+        "rejected_length": torch.full((pairs,), seq_len),
         "margin": torch.zeros(pairs),
         "label": torch.ones(pairs),
     }

@@ -56,6 +56,16 @@ def test_afm_target_mixes_teacher_top1_and_truth():
     torch.testing.assert_close(afm_top1_loss(student, teacher, labels), per_token[mask].mean())
 
 
+def test_sum_reduction_is_the_mean_times_the_target_tokens():
+    """reduction="sum" is what a step normalises by its own target tokens (trainer.SummedLoss)."""
+    student, teacher, labels = _tensors(5)
+    n = int((labels != -100).sum())
+    for loss in (generalized_jsd, afm_top1_loss):
+        kwargs = {} if loss is afm_top1_loss else {"beta": 0.5}
+        summed = loss(student, teacher, labels, reduction="sum", **kwargs)
+        torch.testing.assert_close(summed, n * loss(student, teacher, labels, **kwargs))
+
+
 def _pretrain_teacher(testbed, folder, steps):
     return pretrain_tiny(testbed, folder, steps, hidden_size=128, num_layers=4, intermediate_size=352)
 
@@ -90,10 +100,17 @@ def test_distilled_student_beats_same_budget_baseline(testbed, teacher, tmp_path
     assert distilled.metrics["teacher_eval_loss"] == pytest.approx(teacher.metrics["eval_loss"], rel=1e-5)
 
 
-def test_afm_top1_distillation_trains(testbed, quick_teacher, tmp_path):
+def test_afm_top1_distillation_trains(testbed, quick_teacher, tmp_path, monkeypatch):
+    import llmfab.stages.distill as distill_stage
+
+    # The teacher is loaded on the training device (a GPU when there is one): a stand-in device records that.
+    asked, real_load = [], distill_stage.load_model
+    monkeypatch.setattr(distill_stage, "training_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(distill_stage, "load_model", lambda ref, **kw: asked.append(kw.get("device")) or real_load(ref))
     student = {**TINY_MODEL, "hidden_size": 64, "num_layers": 2}
     cfg = {"model": student, "seq_len": 128, "loss": "afm_top1", "train": {"max_steps": 15, "batch_size": 8}}
     inputs = {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"], "teacher": quick_teacher.outputs["model"]}
     res = run_stage("distill", cfg, inputs, store=open_store(tmp_path / "afm"), track=False)
     # Against a one-hot-ish target the loss starts near ln(512) = 6.24 and must fall.
     assert res.metrics["train_loss"] < 5.0, res.metrics
+    assert asked == [torch.device("meta")]

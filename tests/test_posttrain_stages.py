@@ -80,8 +80,26 @@ def test_sft_lowers_answer_loss_and_logs_gold_reward(testbed, models, tmp_path):
     assert load_model(res.outputs["model"]).config.vocab_size == 512
 
 
+def _record_load_devices(monkeypatch, loads_in, device_in) -> list:
+    """Point training_device (as `device_in` sees it) at a stand-in device, meta, and record the device every
+    load_model call of `loads_in` asks for; the model still loads on the CPU, where these tests run. The models a
+    stage runs on the training device (a GPU when there is one) show up as meta."""
+    asked, real_load = [], loads_in.load_model
+    monkeypatch.setattr(device_in, "training_device", lambda: torch.device("meta"))
+
+    def load_recording(ref, **kwargs):
+        asked.append((ref, kwargs.get("device")))
+        return real_load(ref, **{**kwargs, "device": "cpu"})
+
+    monkeypatch.setattr(loads_in, "load_model", load_recording)
+    return asked
+
+
 @pytest.mark.parametrize("mode", ["logits", "on_policy"])
-def test_sft_distills_from_a_teacher(testbed, models, tmp_path, mode):
+def test_sft_distills_from_a_teacher(testbed, models, tmp_path, mode, monkeypatch):
+    import llmfab.stages.sft as sft_stage
+
+    asked = _record_load_devices(monkeypatch, sft_stage, sft_stage)
     cfg = {
         "distill": mode,
         "max_new_tokens": 8,
@@ -91,6 +109,7 @@ def test_sft_distills_from_a_teacher(testbed, models, tmp_path, mode):
     inputs = {"model": models["base"], "data": testbed["sft"], "teacher": models["teacher"]}
     m = _run("sft", cfg, inputs, tmp_path).metrics
     assert m["train_teacher_kl"] > 0 and torch.isfinite(torch.tensor(m["train_loss"]))
+    assert (models["teacher"], torch.device("meta")) in asked  # the teacher runs on the training device
 
 
 def test_reward_model_warm_soft_labels_margins(testbed, models, tmp_path):
@@ -108,6 +127,68 @@ def test_reward_model_warm_soft_labels_margins(testbed, models, tmp_path):
     assert any(k.startswith("eval_accuracy_level") for k in m)
     rm = load_model(res.outputs["model"], kind="reward")
     assert rm.score.out_features == 1
+
+
+def test_warm_members_start_from_one_init_and_differ_in_data_order(testbed, models, tmp_path, monkeypatch):
+    """WARM averages weights, so its reward models share one init, the new score head's included."""
+    import llmfab.stages.reward_model as rm_stage
+
+    starts, real_load = [], rm_stage.load_model
+
+    def load_recording(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(rm_stage, "load_model", load_recording)
+    cfg = {"warm": 2, "eval_pairs": 8, "train": {"max_steps": 1, "batch_size": 4}}
+    m = _run("reward_model", cfg, {"init": models["base"], "data": testbed["preferences"]}, tmp_path).metrics
+    assert len(starts) == 2 and starts[0].keys() == starts[1].keys()
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0]), "members start from different inits"
+    assert m["rm0.train_loss"] != m["rm1.train_loss"]  # same init, other pairs first
+
+
+@pytest.mark.parametrize("pad", ["pad", "end_of_turn"])
+def test_a_reward_is_read_at_the_same_token_in_training_evaluation_and_rl(testbed, models, pad):
+    """One place: the conversation's last token (ChatML's "\n" after <|im_end|>), alone, inside a padded and
+    trimmed training batch, in reward_scores (evaluation) and reward_scores_of_ids (RL); also when the pad
+    token is the end-of-turn token every answer holds."""
+    from llmfab.tokenizer import IM_END
+    from llmfab.train.pairs import encode_pairs, pair_batch, pair_rewards, reward_scores, reward_scores_of_ids
+
+    tok = load_tokenizer(testbed["tokenizer"])
+    if pad == "end_of_turn":
+        tok.pad_token = IM_END
+    rm = load_model(models["base"], kind="reward").eval()
+    rm.config.pad_token_id = tok.pad_token_id
+    records = [
+        {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5, or maybe six, I think"},
+        {"prompt": "Spell the word apple backwards.", "chosen": "elppa is apple backwards", "rejected": "apple"},
+    ]
+    prompts = [r["prompt"] for r in records] * 2
+    answers = [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    encoded = [encode_response(tok, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
+    with torch.no_grad():
+        # An unpadded conversation: transformers' own pooling reads its last token too.
+        alone = torch.cat([rm(input_ids=torch.tensor([ids])).logits[:, 0] for ids in encoded])
+        chosen, rejected = pair_rewards(rm, pair_batch(encode_pairs(tok, records, 256), 0, 0, 2, 1))
+    training = torch.cat([chosen, rejected])
+    evaluation = reward_scores(rm, tok, prompts, answers)
+    rl = reward_scores_of_ids(rm, encoded, tok.pad_token_id, batch_size=3)
+    for name, got in (("training", training), ("evaluation", evaluation), ("rl", rl)):
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_samplers_answer_on_the_training_device(models, monkeypatch):
+    """rejection_sampling's and collect_preferences' samplers (answers_from_models) load on the training device."""
+    import llmfab.models
+    import llmfab.train.distributed
+    from llmfab.generation import answers_from_models
+
+    asked = _record_load_devices(monkeypatch, llmfab.models, llmfab.train.distributed)
+    tok = load_tokenizer(models["base"])
+    answers_from_models([models["base"]], tok, ["What is 2 + 2?"], n=1, seed=0, max_new_tokens=2)
+    assert asked == [(models["base"], torch.device("meta"))]
 
 
 def test_reward_scores_ignore_padding(testbed, models):
@@ -267,6 +348,59 @@ def test_preference_level_and_tie_breaking():
     assert [preference_level(g) for g in (1.0, 0.6, 0.3, 0.1)] == [0, 1, 2, 3]
     picks = {best_and_worst([1.0, 0.0, 1.0, 0.0], random.Random(seed)) for seed in range(20)}
     assert picks == {(0, 1), (0, 3), (2, 1), (2, 3)}  # ties broken at random, not by position
+    assert best_and_worst([0.5, 0.5, 0.5], random.Random(0)) is None  # all alike: no preference
+
+
+def _episode_samples():
+    """Two prompts' four samples each, as sample_policy returns them (10 = <|im_end|> here)."""
+    from llmfab.generation import Samples
+
+    completions = [[5, 10], [6, 10], [7, 10], [8, 9], [20, 10], [21, 10], [22, 10], [23, 10]]
+    finished = [True, True, True, False] + [True] * 4
+    return Samples([[1, 2]] * 4 + [[3]] * 4, completions, finished, [str(c) for c in completions])
+
+
+def test_online_dpo_breaks_ties_like_collect_preferences():
+    """One rule: the best and worst answers of a prompt, ties broken at random with the episode's seed; a
+    prompt whose answers all tie gives no pair (argmax/argmin would always pair the first two)."""
+    import random
+
+    from llmfab.stages.online_dpo import OnlineDPOConfig, pick_pairs
+
+    samples, config = _episode_samples(), OnlineDPOConfig(samples_per_prompt=4)
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.0] + [0.5] * 4)
+    picks = {tuple(pick_pairs(samples, scores, 4, config, random.Random(seed))) for seed in range(20)}
+    assert picks == {((0, 1),), ((2, 1),)}  # sample 3 was cut off (keep_truncated off); prompt 2 all ties
+    keep = config.model_copy(update={"keep_truncated": True})
+    picks = {tuple(pick_pairs(samples, scores, 4, keep, random.Random(seed))) for seed in range(20)}
+    assert picks == {((0, 1),), ((0, 3),), ((2, 1),), ((2, 3),)}
+
+
+def test_online_dpo_trains_on_the_ids_it_sampled():
+    """A pair's rows are the prompt ids + the answers' ids as sampled: a cut-off answer gets no end token
+    appended; with mask_formatting the chosen mask drops special tokens and the NLL mask keeps them."""
+    from types import SimpleNamespace
+
+    from llmfab.stages.online_dpo import pair_rows
+
+    # A tokenizer as formatting_mask sees it: pad 0, end token 10, no other turn terminators.
+    tok = SimpleNamespace(
+        pad_token_id=0, eos_token_id=10, all_special_ids=[0, 10], convert_tokens_to_ids=lambda t: None
+    )
+    rows = pair_rows(tok, _episode_samples(), [(0, 3)], mask_formatting=True)
+    assert rows["chosen_ids"].tolist() == [[1, 2, 5, 10]] and rows["rejected_ids"].tolist() == [[1, 2, 8, 9]]
+    assert rows["chosen_full_mask"].tolist() == [[0, 0, 1, 1]] and rows["chosen_mask"].tolist() == [[0, 0, 1, 0]]
+    assert rows["rejected_mask"].tolist() == [[0, 0, 1, 1]]
+    assert rows["chosen_length"].tolist() == [4] and rows["rejected_length"].tolist() == [4]
+
+
+def test_online_dpo_checkpoints_only_at_episode_boundaries():
+    """A resume rebuilds the episode's pairs from the restored policy: exact only at an episode boundary."""
+    from llmfab.stages.online_dpo import OnlineDPOConfig
+
+    OnlineDPOConfig(episodes=2, train={"max_steps": 4, "checkpoint_every": 2})
+    with pytest.raises(ValueError, match=r"train.checkpoint_every \(1\) must be a multiple of an episode's steps"):
+        OnlineDPOConfig(episodes=2, train={"max_steps": 4, "checkpoint_every": 1})
 
 
 def test_average_is_the_weighted_mean(models, tmp_path):

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from llmfab.losses.preference import bradley_terry_loss, dpo_loss, masked_nll, sequence_logps
+from llmfab.losses.preference import (
+    bradley_terry_loss,
+    dpo_loss,
+    length_normalized_nll,
+    masked_nll,
+    sequence_logps,
+)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -98,3 +104,49 @@ def test_sequence_logps_sums_only_masked_tokens():
     logp = torch.log_softmax(logits, -1)
     expected = torch.stack([sum(logp[b, t - 1, ids[b, t]] for t in range(1, 6) if mask[b, t]) for b in range(2)])
     torch.testing.assert_close(sequence_logps(logits, ids, mask), expected)
+
+
+def _nll_batch():
+    """Logits, ids and a mask holding one 4-token and one 1-token response."""
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 6, 10, generator=g), torch.randint(0, 10, (2, 6), generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    return logits, ids, mask
+
+
+def test_llama_nll_is_per_response_token_then_mean_over_pairs():
+    """-mean_b log π(y_b|x_b) / |y_b| (Iterative RPO, Llama 3): a 1-token and a 4-token response weigh alike;
+    TRL's per-token batch mean (masked_nll) weighs the longer one 4:1."""
+    logits, ids, mask = _nll_batch()
+    logp = torch.log_softmax(logits, -1)
+    per_response = [-sum(logp[b, t - 1, ids[b, t]] for t in range(1, 6) if mask[b, t]) / mask[b].sum() for b in (0, 1)]
+    expected = (per_response[0] + per_response[1]) / 2
+    torch.testing.assert_close(length_normalized_nll(logits, ids, mask), expected)
+    assert not torch.allclose(masked_nll(logits, ids, mask), expected)
+
+
+def test_dpo_loss_fn_adds_the_length_normalized_nll_on_chosen():
+    from types import SimpleNamespace
+
+    from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn
+
+    _, ids, mask = _nll_batch()
+    table = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+
+    def model(input_ids, use_cache=False):  # logits depend on the current token only: a bigram table
+        return SimpleNamespace(logits=table[input_ids])
+
+    batch = {
+        "chosen_ids": ids,
+        "rejected_ids": ids.flip(0),
+        "chosen_mask": mask,
+        "rejected_mask": mask.flip(0),
+        "chosen_full_mask": mask,
+        "ref_chosen": torch.zeros(2),
+        "ref_rejected": torch.zeros(2),
+    }
+    plain, _ = dpo_loss_fn(DPOLossConfig(beta=0.1))(model, batch)
+    loss, metrics = dpo_loss_fn(DPOLossConfig(beta=0.1, nll_weight=0.2))(model, batch)
+    nll = length_normalized_nll(table[ids], ids, mask)
+    assert metrics["nll_chosen"] == pytest.approx(nll.item(), rel=1e-6)
+    torch.testing.assert_close(loss, plain + 0.2 * nll)

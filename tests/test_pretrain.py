@@ -103,6 +103,58 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
         trainer.fit(lambda step, micro: {"x": torch.ones(1, 2)})
 
 
+def _lm_rows(n_rows: int, targets_per_row: int, seq_len: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random rows whose last `targets_per_row` tokens carry labels (the rest -100, like a prompt)."""
+    ids = torch.randint(0, TINY_MODEL["vocab_size"], (n_rows, seq_len), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, : seq_len - targets_per_row] = -100
+    return {"input_ids": ids, "position_ids": torch.arange(seq_len).expand(n_rows, -1).clone(), "labels": labels}
+
+
+def _one_step(tmp_path, name: str, micro_batches: list[dict], loss_fn):
+    """One optimizer step over `micro_batches` from a fixed init: (gradients it applied, weights after, metrics)."""
+    from llmfab.config.model import ModelConfig
+    from llmfab.models.architectures import build_model
+    from llmfab.stages.base import StageContext
+
+    model = build_model(ModelConfig(**TINY_MODEL), seed=0)
+    config = TrainConfig(
+        max_steps=1, grad_accum=len(micro_batches), optim={"lr": 1e-2, "warmup_steps": 0, "max_grad_norm": None}
+    )
+    ctx = StageContext(name, open_store(tmp_path / name), show_progress=False)
+    trainer = Trainer(model, config, ctx, loss_fn)
+    grads, step = {}, trainer.optimizer.step
+
+    def record_then_step(*args, **kwargs):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record_then_step
+    trainer.fit(lambda s, micro: micro_batches[micro])
+    return grads, {n: p.detach().clone() for n, p in model.named_parameters()}, ctx.metrics
+
+
+def test_accumulated_micro_batches_of_uneven_tokens_step_as_one_batch(tmp_path):
+    """Token losses are normalised by the step's target tokens, not averaged per micro-batch: two micro-batches
+    of 2 x 14 and 2 x 2 target tokens give the gradient, the update and the logged loss of one batch of both."""
+    from llmfab.config.model import ModelConfig
+    from llmfab.models.architectures import build_model
+    from llmfab.train.lm import lm_loss
+
+    many, few = _lm_rows(2, 14, seed=1), _lm_rows(2, 2, seed=2)
+    both = {k: torch.cat([many[k], few[k]]) for k in many}
+    acc_grads, acc_weights, acc_metrics = _one_step(tmp_path, "accumulated", [many, few], lm_loss)
+    one_grads, one_weights, one_metrics = _one_step(tmp_path, "one", [both], lm_loss)
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(acc_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        # Adam's first update is lr·g/(|g| + 1e-8): float noise in gradients near 1e-8 moves it by ~1e-6.
+        torch.testing.assert_close(acc_weights[name], one_weights[name], rtol=0, atol=1e-5, msg=name)
+    # The logged loss stays the per-token mean: transformers' own loss over the joint batch, at the init.
+    expected = build_model(ModelConfig(**TINY_MODEL), seed=0)(**both).loss.item()
+    assert acc_metrics["train_loss"] == pytest.approx(expected, rel=1e-5)
+    assert one_metrics["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_wrapped_optimizer_under_deepspeed_is_refused(tmp_path):
     from llmfab.stages.base import StageContext
 

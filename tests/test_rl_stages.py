@@ -209,3 +209,143 @@ def test_merge_stage(models, tmp_path):
         _run("merge", {"method": "slerp"}, {"models": [a, b]}, tmp_path / "no_init")
     with pytest.raises(ConfigError, match="weights"):
         _run("merge", {"method": "slerp", "weights": [1, 2]}, {"models": [a, b], "init": init}, tmp_path / "w")
+
+
+# -- rollout math: what is sampled, trained on and compared -----------------------------------
+def _fixed_logit_lm(tok, logits: torch.Tensor):
+    """A real (tiny, untied) llama whose next-token logits are `logits` at every position, whatever the
+    context: attention and MLP outputs are zero and every token embeds to e_0, so the last hidden state
+    is √d·e_0 and lm_head's first column, logits/√d, gives the logits."""
+    from llmfab.config.model import ModelConfig
+    from llmfab.models.architectures import build_model
+    from llmfab.tokenizer import special_token_ids
+
+    cfg = ModelConfig(arch="llama", vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    model = build_model(cfg, seed=0, **special_token_ids(tok))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()[:, 0] = 1.0
+        model.lm_head.weight.zero_()[:, 0] = logits / math.sqrt(cfg.hidden_size)
+    return model
+
+
+class _RecordingRM(torch.nn.Module):
+    """A reward model that scores every token 0 (a sequence classifier's `score` head on zero features)
+    and remembers the ids it was shown (right padding cut)."""
+
+    def __init__(self, pad_token_id: int):
+        super().__init__()
+        self.score = torch.nn.Linear(1, 1)
+        torch.nn.init.zeros_(self.score.weight), torch.nn.init.zeros_(self.score.bias)
+        self.pad, self.seen = pad_token_id, []
+
+    def forward(self, input_ids, use_cache=False):
+        for row in input_ids.tolist():
+            while row and row[-1] == self.pad:
+                row.pop()
+            self.seen.append(row)
+        per_token = self.score(torch.zeros(*input_ids.shape, 1))
+        return type("Out", (), {"logits": per_token[:, -1]})
+
+
+def test_policy_samples_come_from_the_tempered_distribution_whatever_the_generation_config(tiny_lm):
+    """Token frequencies of many samples from a fixed-logit model match softmax(z/T) over the whole
+    vocabulary (total variation within ~2x its sampling noise), although the checkpoint's generation
+    config asks for top-k, top-p and a repetition penalty. Sampling top-50 (transformers' default),
+    untempered, or with those settings lands 2-5x the bound away."""
+    from llmfab.data.chat import stop_token_ids
+    from llmfab.generation import sample_policy
+
+    tok, _, _ = tiny_lm
+    z = torch.randn(len(tok), generator=torch.Generator().manual_seed(0))  # flat enough that top-50 cuts mass
+    z[stop_token_ids(tok)] = -30.0  # no stops: every sample is max_new_tokens i.i.d. draws
+    model = _fixed_logit_lm(tok, z)
+    gc = model.generation_config
+    gc.do_sample, gc.top_k, gc.top_p, gc.repetition_penalty = True, 5, 0.5, 5.0
+    temperature, n, steps = 0.7, 2000, 4
+    samples = sample_policy(model, tok, ["hi"], n=n, temperature=temperature, max_new_tokens=steps, batch_size=500)
+    assert all(len(c) == steps for c in samples.completion_ids) and not any(samples.finished)
+    drawn = torch.tensor([t for c in samples.completion_ids for t in c])
+    freq = torch.bincount(drawn, minlength=len(tok)).float() / len(drawn)
+    p = torch.softmax(z / temperature, -1)
+    noise = 0.5 * (p * (1 - p) / len(drawn)).sqrt().sum()  # E[TV] of exact sampling is ~0.8x this
+    assert 0.5 * (freq - p).abs().sum() < 1.5 * noise
+    assert gc.top_k == 5 and gc.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
+def test_rollout_rows_are_the_sampled_ids_with_log_probs_of_the_sampled_distribution(tiny_lm):
+    """Each row is the rendered prompt + the ids exactly as sampled: through the stop token when one
+    ended the answer, nothing appended to a cut-off one, a special token sampled mid-answer kept; the
+    mask covers just the sampled ids. old_logps and the anchor's are Σ log softmax(z/T) of those ids;
+    the reward model sees the sampled conversation (closed by the template's newline when finished);
+    a cut-off answer's reward loses missing_eos_penalty (default 1)."""
+    from llmfab.data.chat import stop_token_ids
+    from llmfab.generation import sample_policy
+    from llmfab.losses.rl import kl_penalized_rewards, leave_one_out_advantages
+    from llmfab.tokenizer import IM_END, IM_START
+    from llmfab.train.rollouts import RolloutConfig, sample_rollout
+
+    tok, _, _ = tiny_lm
+    end, start = tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(IM_START)
+    z = torch.randn(len(tok), generator=torch.Generator().manual_seed(1))
+    z[tok.eos_token_id], z[tok.pad_token_id], z[end], z[start] = -30.0, -30.0, 4.0, 3.5
+    z_anchor = z + torch.randn(len(tok), generator=torch.Generator().manual_seed(2))
+    policy, anchor, rm = _fixed_logit_lm(tok, z), _fixed_logit_lm(tok, z_anchor), _RecordingRM(tok.pad_token_id)
+    records = [{"prompt": "Add 2 and 3."}, {"prompt": "Say hi"}, {"prompt": "Repeat the word cat two times."}]
+    config = RolloutConfig(samples_per_prompt=4, max_new_tokens=3, temperature=0.8, beta=0.5)
+    rows, stats = sample_rollout(policy, anchor, rm, tok, records, config, seed=3)
+
+    sampled = sample_policy(policy, tok, [r["prompt"] for r in records], n=4, temperature=0.8, max_new_tokens=3, seed=3)
+    stops = set(stop_token_ids(tok))
+    assert 0 < sum(sampled.finished) < len(sampled.finished)  # both kinds are checked
+    assert any(start in c[:-1] for c in sampled.completion_ids)  # a special token mid-answer (decoding drops it)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for j, (prompt, completion, done) in enumerate(
+        zip(sampled.prompt_ids, sampled.completion_ids, sampled.finished, strict=True)
+    ):
+        n = len(prompt) + len(completion)
+        assert rows["input_ids"][j, :n].tolist() == prompt + completion and rows["length"][j] == n
+        assert rows["mask"][j].tolist() == [0] * len(prompt) + [1] * len(completion) + [0] * (rows["mask"].size(1) - n)
+        assert not stops & set(completion[:-1])
+        assert (completion[-1] in stops) == done and (done or len(completion) == config.max_new_tokens)
+        assert rm.seen[j] == prompt + completion + (newline if done else [])
+
+    def logps(logits):  # Σ log softmax(z/T) of each sample's sampled ids
+        table = torch.log_softmax(logits / config.temperature, -1)
+        return torch.stack([table[c].sum() for c in sampled.completion_ids])
+
+    close = dict(atol=1e-3, rtol=0)
+    torch.testing.assert_close(rows["old_logps"], logps(z), **close)
+    done = torch.tensor(sampled.finished, dtype=torch.float32)
+    rewards = kl_penalized_rewards(-1.0 * (1 - done), logps(z), logps(z_anchor), config.beta)
+    torch.testing.assert_close(rows["advantages"], leave_one_out_advantages(rewards, 4), **close)
+    assert stats["finished"] == pytest.approx(done.mean().item())
+
+
+def test_mdloo_ratio_is_exactly_one_before_the_first_update_under_bf16(tiny_lm, tmp_path):
+    """The sampling policy's log-probs are computed as the training forward computes them (device, bf16
+    autocast, temperature, micro-batches): in the Trainer's first step, at θ_k, ρ = π_θ/π_k is exactly 1."""
+    from llmfab.stages.base import StageContext
+    from llmfab.stages.mdloo import MDLOOConfig, mdloo_loss_fn
+    from llmfab.train.rollouts import EpisodeBatches, like_training, rollout_batch, sample_rollout
+    from llmfab.train.trainer import Trainer
+
+    tok, make, _ = tiny_lm
+    policy, anchor, rm = make(0), make(1), _RecordingRM(tok.pad_token_id)
+    records = [{"prompt": "Add 2 and 3."}, {"prompt": "Say hi"}, {"prompt": "Repeat the word cat two times."}]
+    train = {"max_steps": 1, "batch_size": 2, "grad_accum": 3, "precision": "bf16"}
+    config = MDLOOConfig(samples_per_prompt=2, prompts_per_rollout=3, max_new_tokens=5, temperature=0.7,
+                         inner_steps=1, train=train)  # fmt: skip
+    ctx = StageContext("mdloo", open_store(tmp_path), show_progress=False)
+    trainer = Trainer(policy, config.train, ctx, mdloo_loss_fn(config))
+
+    def build(iteration):
+        return sample_rollout(policy, anchor, rm, tok, records, config, seed=iteration, **like_training(config.train))[
+            0
+        ]
+
+    trainer.fit(EpisodeBatches(build, 1, 2, 3, rollout_batch))
+    assert ctx.metrics["train_ratio"] == 1.0 and ctx.metrics["train_kl_to_old"] == 0.0

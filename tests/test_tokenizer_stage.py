@@ -253,6 +253,14 @@ def test_match_vocab_grows_never_shrinks_and_sets_pad():
     assert not match_vocab(padded, tok) and padded.config.vocab_size == len(tok) + 64
 
 
+def test_init_model_grows_a_from_scratch_vocabulary_never_shrinks_it():
+    tok = train_bpe_tokenizer(["hello world"] * 20, 300)
+    larger = init_model(ModelConfig(vocab_size=len(tok) + 64, **SMALL), None, tok)
+    assert larger.config.vocab_size == larger.get_input_embeddings().weight.shape[0] == len(tok) + 64
+    smaller = init_model(ModelConfig(vocab_size=len(tok) - 5, **SMALL), None, tok)
+    assert smaller.config.vocab_size == smaller.get_input_embeddings().weight.shape[0] == len(tok)
+
+
 def test_a_stage_loading_a_smaller_model_resizes_it(sweep, testbed, tmp_path):
     trained = load_tokenizer(sweep[0].outputs["tokenizer"])
     model = build_model(ModelConfig(vocab_size=len(trained), **SMALL), **special_token_ids(trained))

@@ -9,15 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmfab.data.chat import encode_response
 from llmfab.data.tasks import TASKS
 from llmfab.evaluation.gold import score_gold
-from llmfab.generation import sample_chat
+from llmfab.generation import sample_policy
 from llmfab.tracking import timing
 from llmfab.train.lm import eval_lm_loss, perplexity
 from llmfab.train.packing import IGNORE
-from llmfab.train.pairs import reward_scores_of_ids
-from llmfab.train.rollouts import batched_sequence_logps, response_rows
+from llmfab.train.rollouts import batched_sequence_logps, sample_rows, sample_scores
 from llmfab.train.sft_data import held_out_rows
 
 
@@ -60,23 +58,18 @@ def compare_sampled(
     Returns (metrics, sample table)."""
     prompts = [r["prompt"] for r in records]
     flat = [r for r in records for _ in range(n)]
-    # top_k=0: the KL estimate E_pi[log pi - log pi_ref] needs samples from pi itself, not its top 50.
-    sampling = dict(
-        n=n, temperature=temperature, top_k=0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
-    )
-    pad = tokenizer.pad_token_id
+    # The KL estimate E_π[log π − log π_ref] needs samples from π itself (softmax(logits/T), nothing cut
+    # off) and the log-probs of that distribution for the tokens sampled: as the RL stages' rollouts.
+    sampling = dict(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
 
     def answer_and_score(model):
-        answers = sample_chat(model, tokenizer, prompts, **sampling)[0]
-        encoded = [encode_response(tokenizer, r["prompt"], a) for r, a in zip(flat, answers, strict=True)]
+        samples = sample_policy(model, tokenizer, prompts, **sampling)
         scores = (
-            reward_scores_of_ids(reward_model, [ids for ids, _ in encoded], pad, batch_size).tolist()
-            if reward_model is not None
-            else None
+            sample_scores(reward_model, tokenizer, samples, batch_size).tolist() if reward_model is not None else None
         )
-        return answers, encoded, scores
+        return samples.texts, samples, scores
 
-    answers, encoded, scores = answer_and_score(policy)
+    answers, samples, scores = answer_and_score(policy)
     metrics: dict[str, float] = {}
     table: dict[str, list] = {"prompt": [r["prompt"][-200:] for r in flat], "response": answers}
     if scores is not None:
@@ -85,8 +78,9 @@ def compare_sampled(
     if reference is None:
         return metrics, table
 
-    rows = response_rows(encoded, pad)
-    kl = batched_sequence_logps(policy, rows, batch_size) - batched_sequence_logps(reference, rows, batch_size)
+    rows = sample_rows(samples, tokenizer.pad_token_id)
+    policy_logps = batched_sequence_logps(policy, rows, batch_size, temperature=temperature)
+    kl = policy_logps - batched_sequence_logps(reference, rows, batch_size, temperature=temperature)
     metrics["kl_to_reference"] = kl.mean().item()
     table["kl_to_reference"] = kl.tolist()
     ref_answers, _, ref_scores = answer_and_score(reference)

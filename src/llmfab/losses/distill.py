@@ -1,22 +1,27 @@
 """Knowledge-distillation losses over next-token distributions.
 
 All take logits [B, T, V] already aligned with `labels` [B, T] (the token each position
-predicts) and average over positions whose label is not -100.
+predicts) and reduce over positions whose label is not -100: their mean, or with reduction="sum"
+their sum (the Trainer divides a step's sums by the step's target tokens, see trainer.SummedLoss).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+Reduction = Literal["mean", "sum"]
 
 
-def _mask_mean(per_token: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    if labels is None:
-        return per_token.mean()
-    mask = labels != IGNORE
-    return per_token[mask].sum() / mask.sum().clamp_min(1)
+def _reduce(per_token: torch.Tensor, labels: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
+    """Σ or mean of `per_token` over the positions whose label is not -100 (all positions without labels)."""
+    kept = per_token if labels is None else per_token[labels != IGNORE]
+    if reduction == "sum":
+        return kept.sum()
+    return kept.sum() / max(kept.numel(), 1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -41,8 +46,9 @@ def generalized_jsd(
     beta: float = 0.0,
     temperature: float = 1.0,
     top_k: int | None = None,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Generalised JSD (Agarwal et al. 2023): β·KL(T‖M) + (1−β)·KL(S‖M), M = βT + (1−β)S.
+    """Generalised JSD (Agarwal et al. 2023): β·KL(T‖M) + (1−β)·KL(S‖M), M = βT + (1−β)S, per position.
 
     β = 0 is forward KL(T‖S) = Σ_v P_T (log P_T − log P_S), the distillation loss of Gemma 2
     (same gradient as Σ_v −P_T log P_S); β = 1 is reverse KL(S‖T).
@@ -57,16 +63,20 @@ def generalized_jsd(
         b = torch.tensor(beta, dtype=log_s.dtype, device=log_s.device)
         log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-b), log_t + torch.log(b)]), dim=0)
         per_token = beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
-    return _mask_mean(per_token, labels)
+    return _reduce(per_token, labels, reduction)
 
 
 def afm_top1_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, teacher_weight: float = 0.9
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_weight: float = 0.9,
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """AFM: cross-entropy against 0.9·onehot(teacher top-1) + 0.1·onehot(true token)."""
+    """AFM: cross-entropy against 0.9·onehot(teacher top-1) + 0.1·onehot(true token), per position."""
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     safe = labels.clamp_min(0)
     top1 = teacher_logits.argmax(-1)
     nll_true = -log_s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     nll_teacher = -log_s.gather(-1, top1.unsqueeze(-1)).squeeze(-1)
-    return _mask_mean(teacher_weight * nll_teacher + (1 - teacher_weight) * nll_true, labels)
+    return _reduce(teacher_weight * nll_teacher + (1 - teacher_weight) * nll_true, labels, reduction)

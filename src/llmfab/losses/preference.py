@@ -35,9 +35,18 @@ def dpo_loss(
 
 
 def masked_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over the masked tokens of the batch (Llama 3.1's term on chosen)."""
+    """−Σ_{b,t} m_bt log π(x_bt | x_b,<t) / Σ_{b,t} m_bt: the NLL per masked token of the whole batch
+    (TRL's DPO `sft` loss term; a long response weighs more than a short one)."""
     m = mask[:, 1:].float()
     return -(token_logps(logits, input_ids) * m).sum() / m.sum().clamp_min(1.0)
+
+
+def length_normalized_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean_b [−log π(y_b | x_b) / |y_b|], y_b the masked tokens of row b: each response's NLL per token,
+    averaged over responses (Iterative RPO's and Llama 3.1's NLL term on the chosen responses)."""
+    m = mask[:, 1:].float()
+    per_sequence = -(token_logps(logits, input_ids) * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    return per_sequence.mean()
 
 
 def bradley_terry_loss(

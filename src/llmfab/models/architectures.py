@@ -99,8 +99,9 @@ def check_same_tokens(folder: str, tokenizer, ref: str) -> None:
 
 def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed: int = 0):
     """The model a training stage starts from: the `init` checkpoint if given, else `cfg` built
-    from scratch with the tokenizer's vocabulary size and special-token ids. A loaded model whose
-    embeddings are smaller than the tokenizer is resized to it."""
+    from scratch with its vocab_size grown to the tokenizer's length when that is larger (never shrunk:
+    rows beyond the tokenizer are kept, as hub checkpoints pad theirs), and the tokenizer's special-token
+    ids. A loaded model whose embeddings are smaller than the tokenizer is resized to it."""
     import logging
 
     from llmfab.errors import ConfigError
@@ -116,7 +117,7 @@ def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed
         return model
     if cfg is None:
         raise ConfigError("model: required when the stage has no `init` checkpoint input")
-    if cfg.pretrained is None and cfg.vocab_size != len(tokenizer):
+    if cfg.pretrained is None and cfg.vocab_size < len(tokenizer):
         logging.getLogger(__name__).info("model.vocab_size %d -> %d (the tokenizer's)", cfg.vocab_size, len(tokenizer))
         cfg = cfg.model_copy(update={"vocab_size": len(tokenizer)})
     from llmfab.tokenizer import special_token_ids

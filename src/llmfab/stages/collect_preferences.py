@@ -38,9 +38,13 @@ def preference_level(gap: float) -> int:
     return 0 if gap >= 0.75 else 1 if gap >= 0.5 else 2 if gap >= 0.25 else 3
 
 
-def best_and_worst(scores: list[float], rng: random.Random) -> tuple[int, int]:
-    """Indices of a best and a worst answer; ties broken at random, not by sampling order."""
+def best_and_worst(scores: list[float], rng: random.Random) -> tuple[int, int] | None:
+    """Indices of a best and a worst answer, ties broken at random (not by sampling order, which would
+    favour the first sample); None when all answers score alike: no preference to learn. The one rule
+    of every stage that pairs its own samples (collect_preferences, online_dpo)."""
     top, bottom = max(scores), min(scores)
+    if top == bottom:
+        return None
     return (
         rng.choice([i for i, s in enumerate(scores) if s == top]),
         rng.choice([i for i, s in enumerate(scores) if s == bottom]),
@@ -86,10 +90,13 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
     rng = random.Random(config.seed)
     pairs, chosen_scores, rejected_scores = [], [], []
     for i, scored in sorted(by_prompt.items()):
-        best, worst = best_and_worst([s for _, s in scored], rng)
+        picked = best_and_worst([s for _, s in scored], rng)
+        if picked is None:
+            continue  # all answers equally good (or bad): no preference to learn
+        best, worst = picked
         gap = scored[best][1] - scored[worst][1]
         if gap <= config.min_gap:
-            continue  # all answers equally good (or bad): no preference to learn
+            continue
         record = prompts[i]
         chosen_scores.append(scored[best][1])
         rejected_scores.append(scored[worst][1])

@@ -12,6 +12,9 @@ from llmfab.losses.distill import afm_top1_loss, generalized_jsd
 from llmfab.models import init_model, load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageContext, stage
 from llmfab.stages.pretrain import PretrainConfig, packed_corpus, train_causal_lm
+from llmfab.train.distributed import training_device
+from llmfab.train.lm import target_tokens, token_nll_sum
+from llmfab.train.trainer import SummedLoss
 
 
 class DistillConfig(PretrainConfig):
@@ -37,23 +40,27 @@ class DistillConfig(PretrainConfig):
         return self
 
 
-def distillation_loss(teacher: torch.nn.Module, config: DistillConfig):
-    def loss_fn(model, batch):
+def distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> SummedLoss:
+    """The configured distillation loss summed over target tokens (the Trainer divides by the step's); the
+    teacher sits on the training device (it is loaded there)."""
+
+    def loss_sum(model, batch):
         kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         with torch.no_grad():
-            teacher.to(batch["input_ids"].device)  # a no-op once it is there
             t_logits = teacher(**kwargs).logits[:, :-1]
-        s_logits = model(**kwargs).logits[:, :-1]
+        s_logits = model(**kwargs).logits
         labels = batch["labels"][:, 1:]
         if config.loss == "afm_top1":
-            loss = afm_top1_loss(s_logits, t_logits, labels, config.teacher_weight)
+            loss = afm_top1_loss(s_logits[:, :-1], t_logits, labels, config.teacher_weight, reduction="sum")
         else:
-            loss = generalized_jsd(s_logits, t_logits, labels, config.beta, config.temperature, config.top_k)
+            loss = generalized_jsd(
+                s_logits[:, :-1], t_logits, labels, config.beta, config.temperature, config.top_k, reduction="sum"
+            )
         with torch.no_grad():
-            ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            ce = token_nll_sum(s_logits, batch["labels"]) / max(target_tokens(batch), 1)
         return loss, {"ce": ce.item()}
 
-    return loss_fn
+    return SummedLoss(loss_sum, target_tokens)
 
 
 @stage(
@@ -66,7 +73,7 @@ def distillation_loss(teacher: torch.nn.Module, config: DistillConfig):
 def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Student pretraining on the teacher's next-token distribution (forward KL / JSD / AFM top-1)."""
     tokenizer = load_tokenizer(inputs["tokenizer"])
-    teacher = load_model(inputs["teacher"]).eval()
+    teacher = load_model(inputs["teacher"], device=training_device()).eval()  # a GPU when there is one
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)

@@ -12,7 +12,6 @@ from pydantic import Field, model_validator
 from llmfab.data.io import read_dataset
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
-from llmfab.losses.preference import sequence_logps
 from llmfab.losses.rl import masked_entropy, mirror_descent_loss
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -21,7 +20,9 @@ from llmfab.train.rollouts import (
     EpisodeBatches,
     RolloutConfig,
     heldout_records,
+    like_training,
     measure_policy,
+    response_logps,
     rollout_batch,
     sample_rollout,
 )
@@ -49,11 +50,9 @@ class MDLOOConfig(StageConfig, RolloutConfig):
 
 def mdloo_loss_fn(config: MDLOOConfig):
     def loss_fn(model, batch):
-        ids, mask = batch["input_ids"], batch["mask"]
-        logits = model(input_ids=ids, use_cache=False).logits
-        logps = sequence_logps(logits, ids, mask)
+        logps, logits = response_logps(model, batch["input_ids"], batch["mask"], config.temperature)
         loss, metrics = mirror_descent_loss(logps, batch["old_logps"], batch["advantages"], config.mirror_kl)
-        metrics["entropy"] = masked_entropy(logits.detach(), mask).item()
+        metrics["entropy"] = masked_entropy(logits.detach(), batch["mask"]).item()  # of the sampled distribution
         return loss, metrics
 
     return loss_fn
@@ -85,10 +84,12 @@ def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[
     records = eval_records(config.eval, inputs, ("prompts", "prompt"))
     log_gold_eval(policy, tokenizer, records, config.eval, ctx, "_before")
     held_out = heldout_records(inputs, config)
+    scoring = like_training(config.train)
 
     def log_heldout(suffix: str) -> None:  # what the stage optimises, on prompts it never samples
         if held_out:
-            m = measure_policy(policy, reference, reward_model, tokenizer, held_out, config, seed=config.seed * 7 + 1)
+            seed = config.seed * 7 + 1
+            m = measure_policy(policy, reference, reward_model, tokenizer, held_out, config, seed, **scoring)
             ctx.log_metrics({f"heldout_{k}{suffix}": v for k, v in m.items() if not (suffix and k == "kl")})
 
     log_heldout("_before")
@@ -100,7 +101,7 @@ def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[
         n = config.prompts_per_rollout
         batch = [prompts[(iteration * n + i) % len(prompts)] for i in range(n)]
         rows, stats = sample_rollout(
-            policy, reference, reward_model, tokenizer, batch, config, seed=config.seed * 7919 + iteration
+            policy, reference, reward_model, tokenizer, batch, config, seed=config.seed * 7919 + iteration, **scoring
         )
         ctx.log_metrics({"iteration": iteration, **{f"rollout_{k}": v for k, v in stats.items()}},
                         step=iteration * config.inner_steps)  # fmt: skip

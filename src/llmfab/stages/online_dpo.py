@@ -5,21 +5,28 @@ Optimizer."""
 
 from __future__ import annotations
 
+import logging
+import random
+
 import torch
 from pydantic import Field, model_validator
 
+from llmfab.data.chat import formatting_mask
 from llmfab.data.io import read_dataset
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval, score_gold
-from llmfab.generation import generate_chat
+from llmfab.generation import Samples, sample_policy
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.stages.collect_preferences import best_and_worst
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import training_device
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
-from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps, reward_scores
-from llmfab.train.rollouts import EpisodeBatches
+from llmfab.train.pairs import pad_right, pair_batch, reference_logps
+from llmfab.train.rollouts import EpisodeBatches, sample_scores
 from llmfab.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class OnlineDPOConfig(StageConfig, DPOLossConfig):
@@ -27,20 +34,84 @@ class OnlineDPOConfig(StageConfig, DPOLossConfig):
     episodes: int = Field(4, gt=0, description="sample-score-train rounds; train.max_steps is split evenly over them")
     prompts_per_episode: int = Field(64, gt=0)
     samples_per_prompt: int = Field(4, ge=2)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="answers are sampled from softmax(logits/T), nothing cut off")
     max_new_tokens: int = Field(32, gt=0)
     keep_truncated: bool = Field(False, description="also pair answers cut off by max_new_tokens")
+    # As in rollouts: a cut-off answer is paired as sampled (no end token appended); the penalty keeps it
+    # from being chosen over a finished one of about the same score.
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="with keep_truncated: subtracted from the score of answers cut off by max_new_tokens"
+    )
     min_score_gap: float = Field(0.0, ge=0, description="skip prompts whose best and worst scores are closer")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
 
     @model_validator(mode="after")
-    def _even_episodes(self):
-        if self.train.max_steps % self.episodes:
+    def _whole_episodes(self):
+        tc = self.train
+        if tc.max_steps % self.episodes:
+            raise ValueError(f"train.max_steps ({tc.max_steps}) must be a multiple of episodes ({self.episodes})")
+        steps = tc.max_steps // self.episodes
+        if tc.checkpoint_every % steps:
+            # A resume rebuilds the episode's pairs from the restored policy: exact only at an episode boundary.
             raise ValueError(
-                f"train.max_steps ({self.train.max_steps}) must be a multiple of episodes ({self.episodes})"
+                f"train.checkpoint_every ({tc.checkpoint_every}) must be a multiple of an episode's steps "
+                f"(train.max_steps / episodes = {steps})"
             )
         return self
+
+
+def pick_pairs(
+    samples: Samples, scores: torch.Tensor, n: int, config: OnlineDPOConfig, rng: random.Random
+) -> list[tuple[int, int]]:
+    """(chosen, rejected) sample indices: for each prompt (n consecutive samples) the best and the worst
+    of its answers (finished ones unless keep_truncated) by `scores`, ties broken at random as
+    collect_preferences breaks them. No pair when all tie, when the two are the same answer, or when
+    their scores are within min_score_gap."""
+    pairs = []
+    for start in range(0, len(samples.finished), n):
+        group = [j for j in range(start, start + n) if samples.finished[j] or config.keep_truncated]
+        picked = best_and_worst([float(scores[j]) for j in group], rng) if len(group) >= 2 else None
+        if picked is None:
+            continue
+        best, worst = group[picked[0]], group[picked[1]]
+        same = samples.completion_ids[best] == samples.completion_ids[worst]
+        if not same and float(scores[best] - scores[worst]) > config.min_score_gap:
+            pairs.append((best, worst))
+    return pairs
+
+
+def pair_rows(tokenizer, samples: Samples, pairs: list[tuple[int, int]], mask_formatting: bool) -> dict:
+    """encode_pairs' tensors for (chosen, rejected) sample indices: rendered prompt ids + the response ids
+    exactly as sampled (a cut-off answer gets no end token appended), the mask on the response."""
+    cols: dict[str, list] = {k: [] for k in ("chosen", "chosen_full", "rejected")}
+    ids: dict[str, list] = {"chosen": [], "rejected": []}
+    for chosen, rejected in pairs:
+        for side, j in (("chosen", chosen), ("rejected", rejected)):
+            prompt, response = samples.prompt_ids[j], samples.completion_ids[j]
+            seq, mask = prompt + response, [0] * len(prompt) + [1] * len(response)
+            if side == "chosen":
+                cols["chosen_full"].append(mask)  # the NLL term's mask keeps the formatting tokens
+            if mask_formatting:
+                mask = [m * (1 - f) for m, f in zip(mask, formatting_mask(tokenizer, seq), strict=True)]
+            ids[side].append(seq)
+            cols[side].append(mask)
+    length, pad = max(len(s) for s in ids["chosen"] + ids["rejected"]), tokenizer.pad_token_id
+    return {
+        "chosen_ids": pad_right(ids["chosen"], pad, length),
+        "chosen_mask": pad_right(cols["chosen"], 0, length),
+        "chosen_full_mask": pad_right(cols["chosen_full"], 0, length),
+        "rejected_ids": pad_right(ids["rejected"], pad, length),
+        "rejected_mask": pad_right(cols["rejected"], 0, length),
+        "chosen_length": torch.tensor([len(s) for s in ids["chosen"]]),
+        "rejected_length": torch.tensor([len(s) for s in ids["rejected"]]),
+        "margin": torch.zeros(len(pairs)),
+        "label": torch.ones(len(pairs)),
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 class Episodes:
@@ -52,71 +123,88 @@ class Episodes:
         self.prompts, self.config, self.ctx = prompts, config, ctx
         self.steps = config.train.max_steps // config.episodes
 
+    def sample(self, batch: list[dict], seed: int) -> Samples:
+        was_training = self.policy.training
+        samples = sample_policy(
+            self.policy,
+            self.tok,
+            [r["prompt"] for r in batch],
+            n=self.config.samples_per_prompt,
+            temperature=self.config.temperature,
+            max_new_tokens=self.config.max_new_tokens,
+            seed=seed,
+        )
+        self.policy.train(was_training)
+        return samples
+
+    def fitting(self, samples: Samples, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The pairs whose prompt + longer answer fit max_len (the others dropped with a warning)."""
+        max_len = self.config.max_len
+        kept = [
+            p
+            for p in pairs
+            if len(samples.prompt_ids[p[0]]) + max(len(samples.completion_ids[j]) for j in p) <= max_len
+        ]
+        if len(kept) < len(pairs):
+            log.warning(
+                "episode pairs: dropped %d of %d pairs longer than %d tokens",
+                len(pairs) - len(kept),
+                len(pairs),
+                max_len,
+            )
+        return kept
+
     def build(self, episode: int) -> dict[str, torch.Tensor]:
         cfg, n = self.config, self.config.samples_per_prompt
         start = episode * cfg.prompts_per_episode
         batch = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.prompts_per_episode)]
-        was_training = self.policy.training
-        samples = generate_chat(
-            self.policy,
-            self.tok,
-            [r["prompt"] for r in batch],
-            n=n,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed * 7919 + episode,
-            finished_only=not cfg.keep_truncated,
-        )
-        self.policy.train(was_training)
-        flat_prompts = [r["prompt"] for r, group in zip(batch, samples, strict=True) for _ in group]
-        flat_scores = reward_scores(self.rm, self.tok, flat_prompts, [s for group in samples for s in group])
-        pairs, gold_all, gold_chosen, gold_rejected = [], [], [], []
-        offset = 0
-        for record, group in zip(batch, samples, strict=True):
-            score, offset = flat_scores[offset : offset + len(group)], offset + len(group)
-            gold = score_gold([record] * len(group), group) if record.get("task") else None
-            if gold:
-                gold_all.extend(gold)
-            if len(group) < 2:
-                continue
-            best, worst = int(score.argmax()), int(score.argmin())
-            if group[best] == group[worst] or float(score[best] - score[worst]) <= cfg.min_score_gap:
-                continue
-            pairs.append({"prompt": record["prompt"], "chosen": group[best], "rejected": group[worst]})
-            if gold:
-                gold_chosen.append(gold[best])
-                gold_rejected.append(gold[worst])
+        seed = cfg.seed * 7919 + episode
+        samples = self.sample(batch, seed)
+        finished = torch.tensor(samples.finished, dtype=torch.float32)
+        scores = sample_scores(self.rm, self.tok, samples)
+        ranked = scores - cfg.missing_eos_penalty * (1 - finished)
+        pairs = self.fitting(samples, pick_pairs(samples, ranked, n, cfg, random.Random(seed)))
         if not pairs:
             raise DataError(
                 f"online_dpo episode {episode}: no prompt gave two different finished answers with distinct "
                 "scores; raise temperature, samples_per_prompt or max_new_tokens"
             )
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        self.log_episode(episode, batch, samples, scores, pairs)
+        rows = pair_rows(self.tok, samples, pairs, cfg.mask_formatting)
+        rows["ref_chosen"], rows["ref_rejected"] = reference_logps(
+            self.reference, rows, cfg.train.batch_size, cfg.train.precision
+        )
+        return rows
+
+    def log_episode(self, episode: int, batch, samples: Samples, scores, pairs) -> None:
+        n, keep_truncated = self.config.samples_per_prompt, self.config.keep_truncated
+        kept = [j for j, done in enumerate(samples.finished) if done or keep_truncated]
+        graded = [j for j in kept if batch[j // n].get("task")]
+        gold = dict(
+            zip(graded, score_gold([batch[j // n] for j in graded], [samples.texts[j] for j in graded]), strict=True)
+        )
         self.ctx.log_metrics(
             {
                 "episode": episode,
                 "episode_pairs": len(pairs),
-                "episode_rm_score": flat_scores.mean().item() if len(flat_scores) else None,
-                "episode_finished": len(flat_scores) / (len(batch) * n),  # the rest hit max_new_tokens
-                "episode_gold_reward": mean(gold_all),  # reward hacking shows as RM up, gold flat
-                "episode_gold_chosen": mean(gold_chosen),
-                "episode_gold_rejected": mean(gold_rejected),
+                "episode_rm_score": _mean([float(scores[j]) for j in kept]),
+                "episode_finished": _mean([float(done) for done in samples.finished]),  # the rest hit max_new_tokens
+                "episode_gold_reward": _mean(list(gold.values())),  # reward hacking shows as RM up, gold flat
+                "episode_gold_chosen": _mean([gold[c] for c, _ in pairs if c in gold]),
+                "episode_gold_rejected": _mean([gold[r] for _, r in pairs if r in gold]),
             },
             step=episode * self.steps,
         )
         if episode == 0:
+            shown = pairs[:32]
             self.ctx.log_table(
                 {
-                    "prompt": [p["prompt"][-200:] for p in pairs[:32]],
-                    "chosen": [p["chosen"] for p in pairs[:32]],
-                    "rejected": [p["rejected"] for p in pairs[:32]],
+                    "prompt": [batch[c // n]["prompt"][-200:] for c, _ in shown],
+                    "chosen": [samples.texts[c] for c, _ in shown],
+                    "rejected": [samples.texts[r] for _, r in shown],
                 },
                 "samples/episode0_pairs.json",
             )
-        rows = encode_pairs(self.tok, pairs, cfg.max_len, mask_formatting=cfg.mask_formatting, where="episode pairs")
-        ref = reference_logps(self.reference, rows, cfg.train.batch_size, cfg.train.precision)
-        rows["ref_chosen"], rows["ref_rejected"] = ref
-        return rows
 
 
 @stage(

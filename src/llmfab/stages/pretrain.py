@@ -9,7 +9,7 @@ from llmfab.models import init_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.lm import PackedCorpus, lm_loss
-from llmfab.train.trainer import LossFn, Trainer
+from llmfab.train.trainer import LossFn, SummedLoss, Trainer
 
 
 class PretrainConfig(StageConfig):
@@ -44,7 +44,7 @@ def train_causal_lm(
     model,
     tokenizer,
     data: PackedCorpus,
-    loss_fn: LossFn = lm_loss,
+    loss_fn: LossFn | SummedLoss = lm_loss,
     meta: dict | None = None,
 ) -> Trainer:
     """Train `model` on `data` with `loss_fn`, logging held-out loss before and after."""

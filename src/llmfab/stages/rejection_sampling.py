@@ -60,6 +60,7 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     if not flat:
         raise DataError("rejection_sampling: no answer kept (every sample was cut off by max_new_tokens)")
     scores = reward_scores(reward_model, tokenizer, [texts[i] for i, _, _ in flat], [a for _, a, _ in flat])
+    del reward_model  # its (GPU) memory goes back before the fine-tuning below
     best: dict[int, tuple[float, str, int]] = {}
     for (i, answer, who), score in zip(flat, scores.tolist(), strict=True):
         if answer and (i not in best or score > best[i][0]):

@@ -1,6 +1,6 @@
-"""reward_model: a Bradley–Terry reward model (scalar head on the last non-pad token), with
-Llama 2 margins, Llama 3.1's dropping of weak pairs, AFM's soft labels per preference level, and
-WARM (a uniform average of several reward models fine-tuned from one init)."""
+"""reward_model: a Bradley–Terry reward model (scalar head read at a conversation's last token, see
+train/pairs), with Llama 2 margins, Llama 3.1's dropping of weak pairs, AFM's soft labels per preference
+level, and WARM (a uniform average of several reward models fine-tuned from one init)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.tracking import timing
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import micro_batches_per_step
-from llmfab.train.pairs import AFM_LEVEL_LABELS, encode_pairs, pair_batch, trim
+from llmfab.train.pairs import AFM_LEVEL_LABELS, encode_pairs, pair_batch, pair_rewards, trim
 from llmfab.train.trainer import Trainer
 
 LLAMA2_LEVEL_MARGINS = (1.0, 2 / 3, 1 / 3, 0.0)
@@ -36,15 +36,15 @@ class RewardModelConfig(StageConfig):
         default_factory=list, description="preference levels dropped from training (Llama 3.1 drops the weak ones)"
     )
     soft_labels: bool = Field(False, description="AFM: P(chosen better) = 0.95/0.85/0.75/0.65 by level")
-    warm: int = Field(1, ge=1, description="WARM: reward models fine-tuned (seeds differ) and averaged uniformly")
+    warm: int = Field(
+        1, ge=1, description="WARM: reward models fine-tuned from one init (data orders differ), averaged uniformly"
+    )
     eval_pairs: int = Field(512, gt=0, description="held-out pairs scored for accuracy")
 
 
 def reward_loss(config: RewardModelConfig):
     def loss_fn(model, batch):
-        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
-        rewards = model(input_ids=ids, use_cache=False).logits[:, 0].float()
-        chosen, rejected = rewards.chunk(2)
+        chosen, rejected = pair_rewards(model, batch)
         margin = batch["margin"] if config.margin != "none" else None
         label = batch["label"] if config.soft_labels else None
         loss = bradley_terry_loss(chosen, rejected, margin, label)
@@ -61,9 +61,8 @@ def pairwise_accuracy(model, rows: dict[str, torch.Tensor], levels: list[int | N
     device = next(model.parameters()).device
     correct = []
     for i in range(0, len(rows["chosen_ids"]), batch_size):
-        batch = trim({k: v[i : i + batch_size] for k, v in rows.items()})
-        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]]).to(device)
-        chosen, rejected = model(input_ids=ids, use_cache=False).logits[:, 0].chunk(2)
+        batch = trim({k: v[i : i + batch_size].to(device) for k, v in rows.items()})
+        chosen, rejected = pair_rewards(model, batch)
         correct.extend((chosen > rejected).tolist())
     out = {"eval_accuracy": sum(correct) / len(correct)}
     by_level = defaultdict(list)
@@ -113,7 +112,9 @@ def run(config: RewardModelConfig, inputs: dict[str, str], ctx: StageContext) ->
     ctx.log_params({"train_pairs": n, "test_pairs": len(test_rows["chosen_ids"])})
     for i in range(config.warm):
         member = ctx.child(f"rm{i}") if config.warm > 1 else ctx
-        torch.manual_seed(config.seed + i)  # the scalar head's init differs per member
+        # Every member starts from the same init, the new score head's included: WARM averages weights, which
+        # only makes sense for models fine-tuned from one init. They differ in data order alone.
+        torch.manual_seed(config.seed)
         model = load_model(inputs["init"], kind="reward")
         if i == 0:
             ctx.log_params({"parameters": sum(p.numel() for p in model.parameters())})

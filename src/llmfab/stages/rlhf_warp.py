@@ -20,7 +20,6 @@ from pydantic import Field, model_validator
 from llmfab.data.io import read_dataset
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
-from llmfab.losses.preference import sequence_logps
 from llmfab.losses.rl import masked_entropy, reinforce_loss
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.merge import ema_update, liti, slerp_state_dicts
@@ -31,7 +30,9 @@ from llmfab.train.rollouts import (
     EpisodeBatches,
     RolloutConfig,
     heldout_records,
+    like_training,
     measure_policy,
+    response_logps,
     rollout_batch,
     sample_rollout,
 )
@@ -63,11 +64,13 @@ class WARPConfig(StageConfig, RolloutConfig):
         return self
 
 
-def reinforce_loss_fn(model, batch):
-    ids, mask = batch["input_ids"], batch["mask"]
-    logits = model(input_ids=ids, use_cache=False).logits
-    loss = reinforce_loss(sequence_logps(logits, ids, mask), batch["advantages"])
-    return loss, {"entropy": masked_entropy(logits.detach(), mask).item()}
+def reinforce_loss_fn(temperature: float):
+    def loss_fn(model, batch):
+        logps, logits = response_logps(model, batch["input_ids"], batch["mask"], temperature)
+        loss = reinforce_loss(logps, batch["advantages"])
+        return loss, {"entropy": masked_entropy(logits.detach(), batch["mask"]).item()}  # of the sampled distribution
+
+    return loss_fn
 
 
 def _train_run(policy, reward_model, tokenizer, prompts, config: WARPConfig, ctx: StageContext, seed: int):
@@ -75,16 +78,19 @@ def _train_run(policy, reward_model, tokenizer, prompts, config: WARPConfig, ctx
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)  # the only difference between the runs of an iteration
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
-    trainer = Trainer(policy, config.train, ctx, reinforce_loss_fn, tokenizer=tokenizer,
+    trainer = Trainer(policy, config.train, ctx, reinforce_loss_fn(config.temperature), tokenizer=tokenizer,
                       checkpoint_meta={"stage": "rlhf_warp"}, extra_state=ema)  # fmt: skip
     ema.to(trainer.device), reward_model.to(trainer.device)  # next to the policy (a GPU when there is one)
+    scoring = like_training(config.train)
 
     def build(episode: int):
         if episode:  # the anchor trails the policy by one rollout; restored with the checkpoint on resume
             ema_update(ema, policy, config.ema_decay)
         n = config.prompts_per_rollout
         batch = [prompts[order[(episode * n + i) % len(order)]] for i in range(n)]
-        rows, stats = sample_rollout(policy, ema, reward_model, tokenizer, batch, config, seed=seed * 7919 + episode)
+        rows, stats = sample_rollout(
+            policy, ema, reward_model, tokenizer, batch, config, seed=seed * 7919 + episode, **scoring
+        )
         ctx.log_metrics({f"rollout_{k}": v for k, v in stats.items()}, step=episode * config.steps_per_rollout)
         return rows
 
@@ -169,11 +175,12 @@ def run(config: WARPConfig, inputs: dict[str, str], ctx: StageContext) -> dict[s
 
 def _sweep(policy, reference, reward_model, tokenizer, inputs, init, merged, runs, config: WARPConfig, ctx) -> None:
     """Measure the LITI line (η sweep) and the individual runs; log a table, a plot and the frontier gaps."""
-    held_out = heldout_records(inputs, config)
+    held_out, scoring = heldout_records(inputs, config), like_training(config.train)
 
     def measure(state):
         policy.load_state_dict(state)
-        return measure_policy(policy, reference, reward_model, tokenizer, held_out, config, seed=config.seed * 7 + 1)
+        seed = config.seed * 7 + 1
+        return measure_policy(policy, reference, reward_model, tokenizer, held_out, config, seed, **scoring)
 
     curve = [{"point": f"eta={eta:g}", "eta": eta, **measure(liti(init, merged, eta))} for eta in config.sweep]
     members = [{"point": f"run{m}", "eta": None, **measure(state)} for m, state in enumerate(runs)]

@@ -15,10 +15,10 @@ from llmfab.losses.distill import generalized_jsd
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
-from llmfab.train.distributed import micro_batches_per_step
-from llmfab.train.lm import eval_lm_loss, lm_loss, step_batch
+from llmfab.train.distributed import micro_batches_per_step, training_device
+from llmfab.train.lm import eval_lm_loss, lm_forward, lm_loss, step_batch, target_tokens, token_nll_sum
 from llmfab.train.sft_data import load_sft_rows
-from llmfab.train.trainer import Trainer
+from llmfab.train.trainer import SummedLoss, Trainer
 
 
 class SFTConfig(StageConfig):
@@ -44,24 +44,26 @@ class SFTConfig(StageConfig):
 
 
 def teacher_kl(teacher, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward KL(teacher || student) per response token (labels != -100)."""
+    """Forward KL(teacher || student) summed over the response tokens (labels != -100); the teacher sits on
+    the training device already (it is loaded there)."""
     with torch.no_grad():
-        teacher.to(batch["input_ids"].device)  # next to the student (a GPU when there is one); a no-op after
         t_logits = teacher(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
-    return generalized_jsd(logits[:, :-1], t_logits[:, :-1], batch["labels"][:, 1:], beta=0.0)
+    return generalized_jsd(logits[:, :-1], t_logits[:, :-1], batch["labels"][:, 1:], beta=0.0, reduction="sum")
 
 
-def sft_loss(teacher=None, weight: float = 0.0):
-    def loss_fn(model, batch):
-        if teacher is None:
-            return lm_loss(model, batch)
-        out = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
-        )
-        kl = teacher_kl(teacher, out.logits, batch)
-        return (1 - weight) * out.loss + weight * kl, {"ce": out.loss.item(), "teacher_kl": kl.item()}
+def sft_loss(teacher=None, weight: float = 0.0) -> SummedLoss:
+    """Next-token loss on the response tokens, or with a teacher (1 - w)·CE + w·KL(teacher || student),
+    summed over the response tokens: the Trainer divides by the step's response tokens."""
+    if teacher is None:
+        return lm_loss
 
-    return loss_fn
+    def loss_sum(model, batch):
+        logits = lm_forward(model, batch).logits
+        ce, kl = token_nll_sum(logits, batch["labels"]), teacher_kl(teacher, logits, batch)
+        n = max(target_tokens(batch), 1)
+        return (1 - weight) * ce + weight * kl, {"ce": ce.item() / n, "teacher_kl": kl.item() / n}
+
+    return SummedLoss(loss_sum, target_tokens)
 
 
 class OnPolicyBatches:
@@ -134,7 +136,7 @@ def run(config: SFTConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     log_gold_eval(model, tokenizer, records, config.eval, ctx, "_before")
     teacher = None
     if config.distill != "none":
-        teacher = load_model(inputs["teacher"]).eval().requires_grad_(False)
+        teacher = load_model(inputs["teacher"], device=training_device()).eval().requires_grad_(False)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError("sft: teacher and student vocabularies differ; distillation needs a shared tokenizer")
     if config.distill == "on_policy":

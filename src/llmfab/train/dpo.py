@@ -9,14 +9,16 @@ from pydantic import Field
 
 from llmfab.config.base import StrictModel
 from llmfab.errors import ConfigError
-from llmfab.losses.preference import dpo_loss, masked_nll, sequence_logps
+from llmfab.losses.preference import dpo_loss, length_normalized_nll, sequence_logps
 from llmfab.train.online_merging import OnlineMergingOptimizer
 from llmfab.train.pairs import stacked
 
 
 class DPOLossConfig(StrictModel):
     beta: float = Field(0.1, gt=0)
-    nll_weight: float = Field(0.0, ge=0, description="Llama 3.1: + 0.2 x NLL on the chosen responses")
+    nll_weight: float = Field(
+        0.0, ge=0, description="Llama 3.1: + 0.2 x NLL on the chosen responses (per token of each, mean over pairs)"
+    )
     mask_formatting: bool = Field(
         False, description="Llama 3.1: formatting tokens (headers, terminators) carry no loss"
     )
@@ -45,7 +47,7 @@ def dpo_loss_fn(config: DPOLossConfig):
         }
         if config.nll_weight:
             n = len(batch["chosen_ids"])
-            nll = masked_nll(logits[:n], batch["chosen_ids"], batch["chosen_full_mask"])
+            nll = length_normalized_nll(logits[:n], batch["chosen_ids"], batch["chosen_full_mask"])
             loss = loss + config.nll_weight * nll
             metrics["nll_chosen"] = nll.item()
         return loss, metrics

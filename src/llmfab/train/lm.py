@@ -7,11 +7,13 @@ import math
 import random
 
 import torch
+import torch.nn.functional as F
 
 from llmfab.data.io import iter_records
 from llmfab.errors import DataError, NoSplitError
 from llmfab.tracking import timing
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
+from llmfab.train.trainer import SummedLoss
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,29 @@ def load_corpus(uris: str | list[str], tokenizer, split: str, sources: list[str]
     return {src: tokenize_texts(tokenizer, docs) for src, docs in sorted(texts.items())}
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token loss; position ids carry the document boundaries (see packing)."""
-    out = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens a causal-LM batch learns to predict: labels other than -100, past the first position."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ_t −log p(x_t | x_<t) over the positions t ≥ 1 whose label is not -100 (logits and labels (B, T))."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
     )
-    return out.loss, {}
+
+
+def lm_forward(model, batch: dict[str, torch.Tensor]):
+    """The model's outputs on a packed batch; position ids carry the document boundaries (see packing)."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+
+def _lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    return token_nll_sum(lm_forward(model, batch).logits, batch["labels"]), {}
+
+
+# Next-token loss summed over target tokens; the Trainer divides by the step's target tokens.
+lm_loss = SummedLoss(_lm_loss_sum, target_tokens)
 
 
 @torch.no_grad()
@@ -52,9 +71,9 @@ def eval_lm_loss(model, packed: dict[str, torch.Tensor], batch_size: int = 8) ->
     total, count = 0.0, 0
     for i in range(0, len(packed["input_ids"]), batch_size):
         rows = {k: v[i : i + batch_size].to(device) for k, v in packed.items()}
-        n = int((rows["labels"][:, 1:] != IGNORE).sum())
+        n = target_tokens(rows)
         if n:
-            total += lm_loss(model, rows)[0].item() * n
+            total += lm_loss(model, rows)[0].item()
             count += n
     if not count:
         raise DataError("held-out rows contain no tokens to score")

@@ -1,8 +1,14 @@
 """Preference pairs as tensors: chosen and rejected conversations, right-padded, with response
-masks; the batch puts all chosen rows first, then all rejected, so one forward scores both.
+masks and lengths; the batch puts all chosen rows first, then all rejected, so one forward scores both.
 
-Right padding needs no attention mask: with causal attention no real token sees the padding,
-and the reward model pools the last non-pad token.
+Right padding needs no attention mask: with causal attention no real token sees the padding.
+
+Where a conversation's reward is read, in training, evaluation and RL scoring alike: the reward
+model's score at the conversation's last token, index len(ids) - 1 of the conversation as
+encode_response encodes it (the chat template's whole final turn: ChatML's and Gemma's "\n" after the
+end-of-turn token, Llama 3's <|eot_id|>), wherever a batch pads it (`reward_at_last_token`). Not
+where transformers pools (the last token that is not pad): that moves when pad equals a real token
+(eos, say), and trimming a batch to its response masks moved it between rows.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ def encode_pairs(
     level_labels: tuple[float, ...] | None = None,
     where: str = "preferences",
 ) -> dict[str, torch.Tensor]:
-    """Tensors per pair: chosen/rejected ids and response masks (formatting tokens excluded
-    when `mask_formatting`), the full chosen response mask (for NLL), margin and soft label."""
+    """Tensors per pair: chosen/rejected ids, response masks (formatting tokens excluded
+    when `mask_formatting`) and lengths, the full chosen response mask (for NLL), margin and soft label."""
     cols: dict[str, list] = {k: [] for k in ("c_ids", "c_mask", "c_full", "r_ids", "r_mask", "margin", "label")}
     dropped = 0
     for rec in records:
@@ -70,20 +76,45 @@ def encode_pairs(
         "chosen_full_mask": pad_right(cols["c_full"], 0, length),
         "rejected_ids": pad_right(cols["r_ids"], pad, length),
         "rejected_mask": pad_right(cols["r_mask"], 0, length),
+        "chosen_length": torch.tensor([len(s) for s in cols["c_ids"]]),
+        "rejected_length": torch.tensor([len(s) for s in cols["r_ids"]]),
         "margin": torch.tensor(cols["margin"]),
         "label": torch.tensor(cols["label"]),
     }
 
 
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop padding columns no row of this batch uses."""
-    used = (batch["chosen_mask"] + batch["rejected_mask"] + batch["chosen_full_mask"]).sum(0).nonzero()
-    end = int(used.max()) + 1 if len(used) else 1
+    """Drop the padding columns past this batch's longest conversation (every row keeps all its tokens:
+    the reward is read at each one's last)."""
+    end = int(torch.cat([batch["chosen_length"], batch["rejected_length"]]).max())
     return {k: v[:, :end] if v.ndim == 2 else v for k, v in batch.items()}
 
 
 def pair_batch(rows: dict[str, torch.Tensor], step: int, micro: int, batch_size: int, per_step: int):
     return trim(step_batch(rows, step, micro, batch_size, per_step))
+
+
+def reward_at_last_token(reward_model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The reward of each right-padded row `ids` (B, T): the score head's output at its last token,
+    index `lengths` - 1 (see the module docstring). `reward_model` is a transformers sequence classifier
+    (its head is `score`), or a DDP / DeepSpeed wrapper of one: the forward runs through the wrapper and
+    a hook keeps the head's per-token scores, which transformers would pool at the last non-pad token."""
+    per_token = []
+    hook = reward_model.score.register_forward_hook(lambda _module, _inputs, out: per_token.append(out))
+    try:
+        reward_model(input_ids=ids, use_cache=False)
+    finally:
+        hook.remove()
+    scores = per_token[-1][..., 0]  # (B, T)
+    rows = torch.arange(len(ids), device=scores.device)
+    return scores[rows, lengths.to(scores.device) - 1].float()
+
+
+def pair_rewards(reward_model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards of a pair batch, in one forward."""
+    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
+    lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
+    return reward_at_last_token(reward_model, ids, lengths).chunk(2)
 
 
 def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +159,13 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[s
 @torch.no_grad()
 @timing.timed("score")
 def reward_scores_of_ids(reward_model, encoded: list[list[int]], pad_token_id: int, batch_size: int = 32):
-    """The reward model's scalar score of each already-encoded conversation."""
+    """The reward model's scalar score of each already-encoded conversation, read at its last token."""
     reward_model.eval()
     device = next(reward_model.parameters()).device
     scores = [torch.zeros(0)]
     for i in range(0, len(encoded), batch_size):
-        ids = pad_right(encoded[i : i + batch_size], pad_token_id).to(device)
-        scores.append(reward_model(input_ids=ids, use_cache=False).logits[:, 0].float().cpu())
+        chunk = encoded[i : i + batch_size]
+        ids = pad_right(chunk, pad_token_id).to(device)
+        lengths = torch.tensor([len(seq) for seq in chunk], device=device)
+        scores.append(reward_at_last_token(reward_model, ids, lengths).cpu())
     return torch.cat(scores)

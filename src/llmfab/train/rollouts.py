@@ -1,23 +1,27 @@
-"""Rollouts for the RL stages: the policy answers each prompt K times, the reward model scores
-the answers, and every sample gets a KL-regularised reward and a leave-one-out advantage.
+"""Rollouts for the RL stages: the policy answers each prompt K times, the reward model scores the
+answers, and every sample gets a KL-regularised reward and a leave-one-out advantage.
 
-Rows are right-padded (ids, response mask) so one forward scores a micro-batch; log-probs are of
-the sampled text re-encoded with the chat template, the same tokens the update is computed on.
+A row is the rendered prompt's ids followed by the ids exactly as sampled (through the stop token when
+one ended the answer; a cut-off answer gets none appended), right-padded, with a mask on the sampled
+ids. Samples come from softmax(logits / T) itself (generation.sample_policy), and every log-prob of a
+ratio or a KL term is of that distribution: `response_logps` is the one place that computes them, for
+the training forward and for the sampling policy's and the anchor's log-probs alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from pydantic import Field
 
 from llmfab.config.base import StrictModel
-from llmfab.data.chat import encode_response
+from llmfab.data.chat import encode_response, stop_token_ids
 from llmfab.data.io import read_dataset
 from llmfab.errors import DataError, LlmfabError
 from llmfab.evaluation.gold import score_gold
-from llmfab.generation import sample_chat
+from llmfab.generation import Samples, sample_policy
 from llmfab.losses.preference import sequence_logps
 from llmfab.losses.rl import kl_penalized_rewards, leave_one_out_advantages
 from llmfab.tracking import timing
@@ -38,12 +42,16 @@ class RolloutConfig(StrictModel):
     beta: float = Field(0.1, ge=0, description="weight of log(π/π_anchor) subtracted from the reward")
     samples_per_prompt: int = Field(4, ge=2, description="K answers per prompt (leave-one-out needs 2)")
     prompts_per_rollout: int = Field(16, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(
+        1.0, gt=0, description="samples come from softmax(logits/T); log-probs, ratios and KL are of that distribution"
+    )
     max_new_tokens: int = Field(32, gt=0)
     max_len: int = Field(256, gt=1, description="prompt + answer tokens; a longer prompt is an error")
     max_prompts: int | None = Field(None, gt=0, description="use at most this many training prompts")
+    # A cut-off answer is trained on as sampled (no end token appended), but with a high score it would
+    # still teach rambling to the limit; one unit of reward-model score is a Bradley-Terry odds of e:1.
     missing_eos_penalty: float = Field(
-        0.0, ge=0, description="subtracted from the score of answers cut off by max_new_tokens"
+        1.0, ge=0, description="subtracted from the score of answers cut off by max_new_tokens"
     )
     normalize_advantages: bool = Field(False, description="scale advantages to zero mean, unit std per rollout")
     heldout_prompts: int = Field(
@@ -52,27 +60,64 @@ class RolloutConfig(StrictModel):
     heldout_samples: int = Field(2, ge=2, description="samples per held-out prompt in each measurement")
 
 
+def response_logps(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float):
+    """(Σ log softmax(logits/T) over the masked tokens of each row, the tempered logits): the
+    log-probabilities of the distribution the rollout sampled from. The training forward, the sampling
+    policy's (old) log-probs and the anchor's all come from here, so ratios and KL terms compare like
+    with like (TRL's online trainers divide by the temperature the same way)."""
+    logits = model(input_ids=ids, use_cache=False).logits.float() / temperature
+    return sequence_logps(logits, ids, mask), logits
+
+
 @torch.no_grad()
 @timing.timed("score")
-def batched_sequence_logps(model, rows: Rows, batch_size: int = 32) -> torch.Tensor:
-    """Σ log π(response | prompt) of every row under `model`."""
+def batched_sequence_logps(
+    model, rows: Rows, batch_size: int = 32, precision: str = "fp32", temperature: float = 1.0
+) -> torch.Tensor:
+    """response_logps of every row under `model`, computed as the training forward computes them: on the
+    model's device, under the training's autocast, in micro-batches of the training's size trimmed alike
+    (rollout_batch), so the policy's log-probs before its first update equal these exactly (ratio 1)."""
     model.eval()
     device = next(model.parameters()).device
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     out = []
     for i in range(0, len(rows["input_ids"]), batch_size):
         batch = trim({k: v[i : i + batch_size] for k, v in rows.items()})
-        ids, mask = batch["input_ids"].to(device), batch["mask"].to(device)
-        out.append(sequence_logps(model(input_ids=ids, use_cache=False).logits, ids, mask).float().cpu())
+        with bf16:
+            logps, _ = response_logps(model, batch["input_ids"].to(device), batch["mask"].to(device), temperature)
+        out.append(logps.float().cpu())
     return torch.cat(out)
 
 
-def response_rows(encoded: list[tuple[list[int], list[int]]], pad_token_id: int) -> Rows:
-    """(ids, response mask) pairs from encode_response as right-padded rows, with each row's length."""
+def sample_rows(samples: Samples, pad_token_id: int) -> Rows:
+    """Right-padded rows of prompt ids + sampled ids, the mask on the sampled ids, and each row's length."""
+    seqs = [p + c for p, c in zip(samples.prompt_ids, samples.completion_ids, strict=True)]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(samples.prompt_ids, samples.completion_ids, strict=True)]
     return {
-        "input_ids": pad_right([ids for ids, _ in encoded], pad_token_id),
-        "mask": pad_right([mask for _, mask in encoded], 0),
-        "length": torch.tensor([len(ids) for ids, _ in encoded]),
+        "input_ids": pad_right(seqs, pad_token_id),
+        "mask": pad_right(masks, 0),
+        "length": torch.tensor([len(s) for s in seqs]),
     }
+
+
+def turn_closing(tokenizer) -> list[int]:
+    """The ids the chat template writes after an answer's end token (chatml: a newline)."""
+    ids, _ = encode_response(tokenizer, "?", "!")
+    ends = set(stop_token_ids(tokenizer))
+    last = max((i for i, t in enumerate(ids) if t in ends), default=len(ids) - 1)
+    return ids[last + 1 :]
+
+
+def sample_scores(reward_model, tokenizer, samples: Samples, batch_size: int = 32) -> torch.Tensor:
+    """The reward model's score of each sampled conversation, from the sampled ids (the reward model shares
+    the policy's tokenizer): a finished answer closed as the chat template closes a turn, which is how the
+    reward model saw its training pairs; a cut-off one as it was sampled."""
+    closing = turn_closing(tokenizer)
+    conversations = [
+        p + c + (closing if done else [])
+        for p, c, done in zip(samples.prompt_ids, samples.completion_ids, samples.finished, strict=True)
+    ]
+    return reward_scores_of_ids(reward_model, conversations, tokenizer.pad_token_id, batch_size)
 
 
 def trim(batch: Rows) -> Rows:
@@ -85,32 +130,55 @@ def rollout_batch(rows: Rows, step: int, micro: int, batch_size: int, per_step: 
     return trim(step_batch(rows, step, micro, batch_size, per_step))
 
 
+def like_training(train) -> dict:
+    """sample_rollout's `batch_size` and `precision` for a stage whose forward is trained with `train`
+    (a TrainConfig): so the log-probs computed outside the training forward match it."""
+    return {"batch_size": train.batch_size, "precision": train.precision}
+
+
+def _check_lengths(samples: Samples, records: list[dict], k: int, max_len: int) -> None:
+    for j, (p, c) in enumerate(zip(samples.prompt_ids, samples.completion_ids, strict=True)):
+        if len(p) + len(c) > max_len:
+            raise DataError(
+                f"prompt {records[j // k].get('id', j // k)!r} is {len(p)} tokens; with its answer it exceeds "
+                f"max_len={max_len} (raise max_len or drop long prompts)"
+            )
+
+
 def sample_rollout(
-    policy, anchor, reward_model, tokenizer, records: list[dict], config: RolloutConfig, seed: int
+    policy,
+    anchor,
+    reward_model,
+    tokenizer,
+    records: list[dict],
+    config: RolloutConfig,
+    seed: int,
+    *,
+    batch_size: int = 32,
+    precision: str = "fp32",
 ) -> tuple[Rows, dict[str, float]]:
     """K samples per record from `policy`; rows with ids, response mask, the sampling policy's
-    log-probs (`old_logps`) and advantages of R = score − β·log(π/π_anchor); and rollout stats."""
+    log-probs (`old_logps`) and advantages of R = score − β·log(π/π_anchor); and rollout stats.
+    `batch_size` and `precision` are the training's (micro-batch size, autocast): log-probs are
+    computed as its forward computes them."""
     k = config.samples_per_prompt
-    prompts = [r["prompt"] for r in records]
     was_training = policy.training
-    texts, finished = sample_chat(
-        policy, tokenizer, prompts, n=k, temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=seed
+    samples = sample_policy(
+        policy,
+        tokenizer,
+        [r["prompt"] for r in records],
+        n=k,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        seed=seed,
     )
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    encoded = [encode_response(tokenizer, p, t) for p, t in zip(flat_prompts, texts, strict=True)]
-    for j, (ids, mask) in enumerate(encoded):
-        if len(ids) > config.max_len:
-            prompt_len = len(ids) - sum(mask)
-            raise DataError(
-                f"prompt {records[j // k].get('id', j // k)!r} is {prompt_len} tokens; with its answer it exceeds "
-                f"max_len={config.max_len} (raise max_len or drop long prompts)"
-            )
-    rows = response_rows(encoded, tokenizer.pad_token_id)
-    old = batched_sequence_logps(policy, rows)
+    _check_lengths(samples, records, k, config.max_len)
+    rows = sample_rows(samples, tokenizer.pad_token_id)
+    old = batched_sequence_logps(policy, rows, batch_size, precision, config.temperature)
     policy.train(was_training)
-    anchor_logps = batched_sequence_logps(anchor, rows)
-    scores = reward_scores_of_ids(reward_model, [ids for ids, _ in encoded], tokenizer.pad_token_id)
-    done = torch.tensor(finished, dtype=torch.float32)
+    anchor_logps = batched_sequence_logps(anchor, rows, batch_size, precision, config.temperature)
+    scores = sample_scores(reward_model, tokenizer, samples)
+    done = torch.tensor(samples.finished, dtype=torch.float32)
     for name, values in (
         ("reward model scores", scores),
         ("policy log-probs", old),
@@ -128,10 +196,10 @@ def sample_rollout(
         "rm_score": scores.mean().item(),
         "reward": rewards.mean().item(),
         "kl_anchor": (old - anchor_logps).mean().item(),
-        "response_tokens": (rows["mask"].sum(1).float() - 1).mean().item(),  # the end token excluded
+        "response_tokens": (rows["mask"].sum(1).float() - done).mean().item(),  # a sampled end token excluded
         "finished": done.mean().item(),
     }
-    tasks = [(records[j // k], text) for j, text in enumerate(texts) if records[j // k].get("task")]
+    tasks = [(records[j // k], text) for j, text in enumerate(samples.texts) if records[j // k].get("task")]
     if tasks:  # the testbed's ground truth: RM score up with gold flat is reward hacking
         gold = score_gold([r for r, _ in tasks], [t for _, t in tasks])
         stats["gold_reward_sampled"] = sum(gold) / len(gold)
@@ -149,11 +217,14 @@ def heldout_records(inputs: dict[str, str], config: RolloutConfig) -> list[dict]
     return records
 
 
-def measure_policy(model, reference, reward_model, tokenizer, records, config: RolloutConfig, seed: int):
+def measure_policy(
+    model, reference, reward_model, tokenizer, records, config: RolloutConfig, seed: int, **scoring
+) -> dict[str, float]:
     """On held-out prompts: KL(π‖π_ref) (sequence level, on π's samples), the reward-model score and
-    the sampled gold reward. Every call answers the same prompts with the same sampling stream."""
+    the sampled gold reward. Every call answers the same prompts with the same sampling stream.
+    `scoring`: sample_rollout's batch_size and precision."""
     probe = config.model_copy(update={"samples_per_prompt": config.heldout_samples, "normalize_advantages": False})
-    _, stats = sample_rollout(model, reference, reward_model, tokenizer, records, probe, seed=seed)
+    _, stats = sample_rollout(model, reference, reward_model, tokenizer, records, probe, seed=seed, **scoring)
     out = {"kl": stats["kl_anchor"], "rm_reward": stats["rm_score"], "response_tokens": stats["response_tokens"]}
     if "gold_reward_sampled" in stats:
         out["gold_sampled"] = stats["gold_reward_sampled"]

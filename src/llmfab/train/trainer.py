@@ -12,6 +12,13 @@ at the last micro-batch of the step, so N ranks with `grad_accum` G follow the s
 process with G * N. Logged losses and metrics are means over all ranks; rank 0 alone writes
 checkpoints and talks to MLflow while the others wait at a barrier. `self.model` stays the bare
 module (evaluation, saving, attribute access); the loss function gets the DDP wrapper to call.
+
+What a step minimises: a plain loss function returns a micro-batch's mean (over its pairs, say), and
+the step's loss is the mean over its micro-batches (on all ranks). A `SummedLoss` returns a
+micro-batch's sum over its units (target tokens) and the step's loss is the sum over all its
+micro-batches on all ranks divided by their total units, counted before the first backward: a token
+weighs the same whichever micro-batch holds it, so G uneven micro-batches give the gradient of one
+batch holding them all (averaging per-micro-batch token means does not).
 """
 
 from __future__ import annotations
@@ -62,6 +69,19 @@ TOKEN_KEYS = ("input_ids", "chosen_ids", "rejected_ids")  # counted for tokens_p
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SummedLoss:
+    """A loss normalised over the whole optimizer step: `fn(model, batch)` returns a micro-batch's loss
+    summed over its units (and metrics, micro-batch means); `units(batch)` counts those units (e.g. the
+    target tokens). The Trainer divides each sum by the step's total units over all micro-batches and ranks."""
+
+    fn: LossFn
+    units: Callable[[Batch], int]
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.fn(model, batch)
 
 
 class TrainingError(LlmfabError):
@@ -119,7 +139,7 @@ class Trainer:
         model: torch.nn.Module,
         config: TrainConfig,
         ctx: StageContext,
-        loss_fn: LossFn,
+        loss_fn: LossFn | SummedLoss,
         *,
         tokenizer=None,
         params: list[torch.nn.Parameter] | None = None,
@@ -284,6 +304,15 @@ class Trainer:
         n = self.world_size
         return summed[0] / n, {k: v / n for k, v in zip(keys, summed[2:], strict=True)}, int(summed[1])
 
+    def _loss_scale(self, batches: list[Batch]) -> float:
+        """What each micro-batch's loss is multiplied by so the step's gradient is that of the step's loss
+        (see the module docstring). Ranks' gradients are averaged (DDP, DeepSpeed), hence a SummedLoss's
+        × world size; a step without a single unit scales its zero sums by 1."""
+        if not isinstance(self.loss_fn, SummedLoss):
+            return 1.0 / len(batches)
+        units = all_reduce_sum([float(sum(self.loss_fn.units(b) for b in batches))], self.device)[0]
+        return self.world_size / max(units, 1.0)
+
     def fit(self, batch_for_step: Callable[[int, int], Batch]) -> torch.nn.Module:
         """Train until `max_steps`; `batch_for_step(step, micro)` gives each micro-batch."""
         cfg, opt = self.config, self.config.optim
@@ -303,25 +332,28 @@ class Trainer:
                     group["lr"] = opt.lr * mult
                 self.optimizer.zero_grad(set_to_none=True)
                 total, extra, step_tokens = 0.0, {}, 0
-                for micro in range(cfg.grad_accum):
-                    # Each rank takes its own micro-batches of the same global step.
-                    batch = batch_for_step(self.step, micro * self.world_size + self.rank)
+                # Each rank takes its own micro-batches of the same global step, all of them before the first
+                # backward: a SummedLoss's normaliser is the whole step's count.
+                batches = [batch_for_step(self.step, m * self.world_size + self.rank) for m in range(cfg.grad_accum)]
+                scale = self._loss_scale(batches)
+                for micro, batch in enumerate(batches):
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     # DDP all-reduces gradients in the backward of the step's last micro-batch only.
                     last = micro == cfg.grad_accum - 1
                     with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                         with self._autocast():
                             loss, metrics = self.loss_fn(forward, batch)
+                        loss = loss * scale
                         if self.world_size == 1 and not torch.isfinite(loss):
                             raise TrainingError(self._non_finite(loss.item()))
                         if self.engine is not None:
-                            self.engine.backward(loss)  # DeepSpeed scales by the accumulation steps itself
+                            self.engine.backward(loss, scale_wrt_gas=False)  # already scaled for accumulation
                             self.engine.step()  # applies the update at the accumulation boundary only
                         else:
                             # Under DDP every rank runs the backward (a non-finite loss is caught after the
                             # step's all-reduce, on all ranks at once, so none is left waiting).
-                            (loss / cfg.grad_accum).backward()
-                    total += loss.item() / cfg.grad_accum
+                            loss.backward()
+                    total += loss.item()
                     for k, v in metrics.items():
                         extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
                     step_tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
