@@ -93,7 +93,7 @@ def _overrides(family: str, seed: int, step_ids: list[str], scale: float) -> lis
 def _recipe(family: str, seed: int, scale: float):
     from llmfab.config.recipe import load_recipe
 
-    step_ids = [s.id for s in load_recipe(family, "tiny").steps]
+    step_ids = list(dict.fromkeys(s.base_id for s in load_recipe(family, "tiny").steps))  # a round's step once
     return load_recipe(family, "tiny", _overrides(family, seed, step_ids, scale))
 
 
@@ -127,10 +127,8 @@ def run_seed(family: str, seed: int, data: dict, root: str, scale: float) -> dic
         )
     except LlmfabError as exc:  # a stage refused to go on (e.g. no finished answer to learn from): a result too
         return {"seed": seed, "steps": {}, "failed": str(exc).splitlines()[0][:300]}
-    steps = {
-        name: {"stage": recipe.step(name.split("/")[0]).stage, "seconds": r.seconds, "metrics": r.metrics}
-        for name, r in res.steps.items()
-    }
+    stages = {name: step.stage for step in recipe.steps for name, _ in step.runs()}
+    steps = {name: {"stage": stages[name], "seconds": r.seconds, "metrics": r.metrics} for name, r in res.steps.items()}
     return {"seed": seed, "steps": steps}
 
 

@@ -66,10 +66,13 @@ def test_compile_plan(tmp_path):
         "promote",
     ]
     llama = plans[2]
-    average = next(s for s in llama["steps"] if s["id"] == "average")
-    assert average["inputs"]["models"] == "dpo.model"  # a parallel step's outputs: a list input
-    dpo = next(s for s in llama["steps"] if s["id"] == "dpo")
+    assert llama["rounds"] == {"round": 2}  # each round's steps in the plan
+    average = next(s for s in llama["steps"] if s["id"] == "round2/average")
+    assert average["inputs"]["models"] == "round2/dpo.model"  # a parallel step's outputs: a list input
+    dpo = next(s for s in llama["steps"] if s["id"] == "round1/dpo")
     assert dpo["parallel"] == [{"seed": 0}, {"seed": 1}]
+    rejection = next(s for s in llama["steps"] if s["id"] == "round2/rejection")
+    assert rejection["inputs"]["model"] == "round1/average.model"  # the previous round's model
     assert qwen2["steps"][4]["config"]["model"]["hidden_size"] == 128  # ${models.policy} resolved
     assert qwen2["steps"][-1]["when"] == "register.decision == promote"
 

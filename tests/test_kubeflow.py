@@ -109,7 +109,8 @@ def _pipeline(compiled, family):
 
 
 def _steps_dag(spec):
-    """{display name: (task, the task in the exit handler's DAG that holds it: itself, or its loop/condition)}"""
+    """{display name: (task, the task in the exit handler's DAG that holds it: itself, or its loop/condition)}; a
+    round's sub-pipeline task is there by its round's name (`round1`)."""
     root = spec["root"]["dag"]["tasks"]
     assert set(root) == {"close-run", "exit-handler-1"}  # every step runs inside the exit handler
     assert root["close-run"]["inputs"]["parameters"]["status"] == {
@@ -117,13 +118,21 @@ def _steps_dag(spec):
     }
     found = {}
     for key, task in spec["components"]["comp-exit-handler-1"]["dag"]["tasks"].items():
-        inner = spec["components"][task["componentRef"]["name"]].get("dag")
-        if inner:  # a dsl.ParallelFor or dsl.If group: one task inside
-            ((_, step_task),) = inner["tasks"].items()
+        if "parameterIterator" in task or "triggerPolicy" in task:  # a dsl.ParallelFor or dsl.If: one task inside
+            ((_, step_task),) = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"].items()
             found[step_task["taskInfo"]["name"]] = (step_task, key, task)
         else:
             found[task["taskInfo"]["name"]] = (task, key, task)
     return found
+
+
+def _producer(recipe, key_of: dict, ref: str) -> tuple[str, str]:
+    """(task key, output key) that feeds reference `ref`: a step's task, or its round's sub-pipeline task."""
+    src, _, out = ref.partition(".")
+    step = recipe.step(src)
+    if step.round:
+        return key_of[step.round.name], f"{step.base_id}__{out}"
+    return key_of[src], out
 
 
 @pytest.mark.parametrize("family", list_families())
@@ -132,7 +141,9 @@ def test_pipeline_wires_the_recipe(compiled, family):
     spec, platform = _pipeline(compiled, family)
     by_step = _steps_dag(spec)
     conditions = {f"{s.when.step}-{s.when.value}" for s in recipe.steps if s.when}
-    assert set(by_step) == {"open-run", *(s.id for s in recipe.steps), *conditions}
+    top = [s for s in recipe.steps if not s.round]  # a round's steps: in its sub-pipeline (test_recipe_control_flow)
+    rounds = {s.round.name for s in recipe.steps if s.round}
+    assert set(by_step) == {"open-run", *(s.id for s in top), *rounds, *conditions}
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
         "preset",
         "overrides",
@@ -143,11 +154,11 @@ def test_pipeline_wires_the_recipe(compiled, family):
         "parent_run_id",
     }
     key_of = {name: key for name, (_, key, _) in by_step.items()}
-    for step in recipe.steps:
+    for step in top:
         task, _, group = by_step[step.id]
-        upstream = {ref.partition(".")[0] for refs in step.inputs.values() for ref in as_refs(refs)}
-        upstream |= {f"{step.when.step}-{step.when.value}"} if step.when else set()
-        assert set(group.get("dependentTasks", [])) == {key_of[u] for u in upstream} | {key_of["open-run"]}, step.id
+        upstream = {_producer(recipe, key_of, ref)[0] for refs in step.inputs.values() for ref in as_refs(refs)}
+        upstream |= {key_of[f"{step.when.step}-{step.when.value}"]} if step.when else set()
+        assert set(group.get("dependentTasks", [])) == upstream | {key_of["open-run"]}, step.id
         inputs = task["inputs"]
         assert inputs["parameters"]["step_id"]["runtimeValue"]["constant"] == step.id
         if step.variants:
@@ -165,14 +176,14 @@ def test_pipeline_wires_the_recipe(compiled, family):
             if is_list_input(step.stage, name):
                 assert f"in_{name}" in inputs["parameters"], (step.id, name)
                 continue
-            src, _, out = refs.partition(".")
+            producer, out = _producer(recipe, key_of, refs)
             art = (group if group is not task else task)["inputs"]["artifacts"]
             wired = (
                 art[f"in_{name}"]
                 if group is task
-                else next(a for k, a in art.items() if k.endswith(f"{key_of[src]}-{out}"))
+                else next(a for k, a in art.items() if k.endswith(f"{producer}-{out}"))
             )
-            assert wired["taskOutputArtifact"] == {"producerTask": key_of[src], "outputArtifactKey": out}
+            assert wired["taskOutputArtifact"] == {"producerTask": producer, "outputArtifactKey": out}
         executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
         container = spec["deploymentSpec"]["executors"][executor]["container"]
         assert container["image"].endswith(

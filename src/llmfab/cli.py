@@ -453,7 +453,7 @@ def recipes() -> None:
         table.add_column(col)
     for family in list_families():
         raw = RecipeFile.model_validate(yaml.safe_load(recipe_path(family).read_text()))
-        table.add_row(family, ", ".join(raw.presets), " → ".join(s.id for s in raw.steps))
+        table.add_row(family, ", ".join(raw.presets), raw.outline())
     Console().print(table)
 
 

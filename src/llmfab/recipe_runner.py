@@ -55,7 +55,8 @@ def run_recipe(
 ) -> PipelineResult:
     """Run the recipe's steps in order (or just `only`, with earlier outputs recomputed as needed). Steps
     named in `reuse` are not run: their outputs are taken from it (e.g. an earlier run's data, as KFP's cache
-    would)."""
+    would). A rounds block's steps come once per round (`round1/reward`, ..., `round2/reward`, ...), each
+    round's inputs naming the previous round's steps: the rounds run as a loop, in order."""
     unknown = sorted(set(only or []) - {s.id for s in recipe.steps})
     if unknown:
         raise ConfigError(f"--only {', '.join(unknown)}: no such step; steps: {', '.join(s.id for s in recipe.steps)}")

@@ -166,13 +166,14 @@ OPEN_RUN_SOURCE = '''def open_run(
     run_name: str,
     parent_run_id: str,
     kfp_run_id: str,
+    rounds: str,
     pipeline_run: Output[Artifact],
 ):
     """Open the pipeline's parent MLflow run (or adopt the given one); work out the run's store location."""
     from llmfab.kubeflow.runtime import open_run as _open_run, write_run_context
 
     run_id, store_uri = _open_run(
-        recipe, preset, overrides, store, tracking_uri, experiment, run_name, parent_run_id, kfp_run_id
+        recipe, preset, overrides, store, tracking_uri, experiment, run_name, parent_run_id, kfp_run_id, rounds
     )
     write_run_context(pipeline_run, run_id, store_uri)
 '''

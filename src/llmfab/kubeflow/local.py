@@ -79,7 +79,7 @@ def run_local(
         log_pipeline_run(parent, recipe, overrides)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, raise_on_error=True)
         # One run at a time: the runs of a parallel step would share this machine's cores (each sized for all).
-        pipeline = build_pipeline(recipe_ref, preset=preset, loop_parallelism=1)
+        pipeline = build_pipeline(recipe_ref, preset=preset, overrides=overrides, loop_parallelism=1)
         pipeline(
             preset=preset,
             overrides=list(overrides or []),

@@ -62,9 +62,11 @@ def open_run(
     run_name: str,
     parent_run_id: str,
     kfp_run_id: str = "",
+    rounds: str = "",
 ) -> tuple[str, str]:
     """(parent MLflow run id, this run's store URI). With `parent_run_id` given (a local run, whose CLI holds the
-    parent run open), only the store location is worked out; else a parent run is created and tagged."""
+    parent run open), only the store location is worked out; else a parent run is created and tagged. `rounds`
+    (JSON {block: count}) is what the pipeline's graph was built for: a preset that asks for other counts fails."""
     from llmfab.config.recipe import load_recipe
     from llmfab.recipe_runner import log_pipeline_run
     from llmfab.storage import open_store
@@ -72,6 +74,11 @@ def open_run(
 
     # A local run (the CLI named and holds the run) needs only the store location, not the recipe.
     loaded = None if parent_run_id and run_name else load_recipe(recipe, preset, list(overrides or []))
+    if loaded is not None and rounds and loaded.round_counts() != json.loads(rounds):
+        raise LlmfabError(
+            f"recipe {recipe}, preset {preset}: rounds {loaded.round_counts()}, but this pipeline was built for "
+            f"{json.loads(rounds)}: build it with this preset and overrides (llmfab submit does)"
+        )
     run_name = run_name or f"{loaded.family}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_store = open_store(store or None).sub(f"runs/{run_name}")
     if parent_run_id:

@@ -79,7 +79,13 @@ def submit(
     name = run_name or f"{recipe.family}-{preset}"
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(
-            family, Path(tmp) / f"{recipe.family}.yaml", preset=preset, registry=registry, tag=tag, trainjobs=trainjobs
+            family,
+            Path(tmp) / f"{recipe.family}.yaml",
+            preset=preset,
+            overrides=overrides,
+            registry=registry,
+            tag=tag,
+            trainjobs=trainjobs,
         )
         try:
             if client is None:
