@@ -203,7 +203,7 @@ def pretrain_tiny(testbed, folder, steps: int, seq_len: int = 128, **model) -> d
 
 
 # -- the alignment testbed of the slow efficacy tests ---------------------------------------------
-ALIGN_EVAL = {"prompts": 300, "max_new_tokens": 24}  # 201 held-out task prompts, greedy
+ALIGN_EVAL = {"prompts": 256, "max_new_tokens": 24}  # the 256 held-out items, greedy
 ALIGN_LLAMA = dict(arch="llama", vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                    intermediate_size=352, max_position_embeddings=256)  # fmt: skip
 
@@ -214,9 +214,9 @@ def train_cfg(lr: float, steps: int, batch: int = 8, warmup: int = 5) -> dict:
 
 @pytest.fixture(scope="session")
 def alignment_chain(tmp_path_factory):
-    """data -> tokenizer -> base -> SFT -> reward model on tasks a 128-wide model can learn to generalise
-    to unseen prompts (single-digit arithmetic, "repeat the word n times"): only 400 written
-    conversations, plenty of prompts and pairs. Built once for the post-training and RL efficacy tests;
+    """data -> tokenizer -> base -> SFT -> reward model on the tiny presets' testbed (repeat a word n times,
+    name the last / reverse a list of words; 30 % of the written demonstrations carry the task's typical
+    mistake): only 400 written conversations, plenty of prompts and pairs. Built once for the post-training and RL efficacy tests;
     `run(step, stage, cfg, inputs)` runs a further stage in the same store."""
     from llmfab.stages.runner import run_stage
     from llmfab.storage import open_store
@@ -228,7 +228,8 @@ def alignment_chain(tmp_path_factory):
 
     data = run("data", "prepare_data", dict(
         prose_docs=1000, code_docs=300, task_docs=3000, sft_examples=2000, prompts=2000, preference_pairs=3000,
-        tasks=["arithmetic", "format"], format_kinds=["repeat"], max_operand=9,
+        tasks=["format", "wordlist"], format_kinds=["repeat"], max_repeat=7, list_kinds=["last", "reverse"],
+        max_items=4, demo_error_rate=0.3, heldout_prompts=256,
     )).outputs  # fmt: skip
     tok = run("tok", "train_tokenizer", {"vocab_size": 1024}, {"corpus": data["text"]}).outputs["tokenizer"]
     base = run(

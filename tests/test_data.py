@@ -10,12 +10,13 @@ from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "format", "kv_retrieval"])
+@pytest.mark.parametrize("task", ["arithmetic", "format", "wordlist", "kv_retrieval"])
 def test_reference_scores_one_and_corruption_less(task):
     rng = random.Random(0)
     for _ in range(200):
         ex = TASKS[task].sample(rng)
         assert gold_reward(task, ex.meta, ex.answer) == 1.0, ex
+        assert gold_reward(task, ex.meta, TASKS[task].slip(ex)) < 1.0, ex  # the annotators' typical mistake
         wrong, level = TASKS[task].corrupt(rng, ex)
         assert wrong != ex.answer
         assert gold_reward(task, ex.meta, wrong) < 1.0, (ex, wrong)
@@ -28,6 +29,10 @@ def test_gold_reward_reads_responses():
     meta = {"kind": "repeat", "word": "cat", "n": 4, "answer": "cat, cat, cat, cat"}
     assert gold_reward("format", meta, "cat, cat") == pytest.approx(0.25)
     assert gold_reward("format", {"kind": "upper", "word": "cat", "answer": "CAT"}, "cat") == 0.5
+    meta = {"kind": "reverse", "items": ["a", "b", "c", "d"], "answer": "d, c, b, a"}
+    assert gold_reward("wordlist", meta, "d, c, b, a.") == 1.0
+    assert gold_reward("wordlist", meta, "d, c, a, b") == pytest.approx(0.25)  # half the positions, half credit
+    assert gold_reward("wordlist", {"kind": "last", "items": ["a", "b"], "answer": "b"}, "a") == 0.0
     with pytest.raises(KeyError, match="unknown task"):
         gold_reward("nope", {}, "")
 
@@ -145,25 +150,64 @@ def test_splits_never_share_a_prompt():
     assert 50 <= len(parts["test"]) <= 80
 
 
-def test_prepared_demos_exclude_evaluation_prompts(tmp_path):
-    res = _prepare(tmp_path, "x", task_docs=300, sft_examples=200, prompts=100, preference_pairs=200)
+def test_prepared_data_never_trains_on_an_item_it_evaluates_on(tmp_path):
+    """An item held out anywhere (the gold reward's prompts, SFT or preference test splits) is asked in no
+    training split and no pre-training demo, in any of its phrasings; the prompts' test split holds exactly
+    `heldout_prompts` distinct items."""
+    from llmfab.data.testbed import key_of
+
+    res = _prepare(
+        tmp_path, "x", tasks=["arithmetic", "format", "wordlist"], max_operand=9, task_docs=600, sft_examples=400,
+        prompts=300, heldout_prompts=120, preference_pairs=300,
+    )  # fmt: skip
     held = set()
     for name, kind in (("sft", "chat"), ("prompts", "prompt"), ("preferences", "preference")):
-        for r in read_dataset(res.outputs[name], kind, "test"):
-            held.add(r["messages"][0]["content"] if kind == "chat" else r["prompt"])
-    demos = [r["text"] for r in read_dataset(res.outputs["text"], "text") if r["source"] == "tasks"]
-    assert demos and not any(d.rsplit("\n", 1)[0] in held for d in demos)
-    # No dataset trains on a prompt that another dataset evaluates on.
+        held |= {key_of(r) for r in read_dataset(res.outputs[name], kind, "test")}
+    gold_items = [key_of(r) for r in read_dataset(res.outputs["prompts"], "prompt", "test")]
+    assert len(gold_items) == len(set(gold_items)) == 120
     for name, kind in (("sft", "chat"), ("prompts", "prompt"), ("preferences", "preference")):
         train = read_dataset(res.outputs[name], kind, "train")
-        asked = {r["messages"][0]["content"] if kind == "chat" else r["prompt"] for r in train}
-        assert train and not asked & held, name
+        assert train and not {key_of(r) for r in train} & held, name
+    # Pre-training demos: no held-out sum is shown in any of its phrasings.
+    from llmfab.data.tasks import Arithmetic
+
+    demos = {r["text"].rsplit("\n", 1)[0] for r in read_dataset(res.outputs["text"], "text") if r["source"] == "tasks"}
+    sums = [r["meta"] for r in read_dataset(res.outputs["prompts"], "prompt", "test") if r["task"] == "arithmetic"]
+    phrasings = {t.format(a=m["a"], op=m["op"], b=m["b"]) for m in sums for t in Arithmetic.TEMPLATES}
+    assert demos and sums and not phrasings & demos
+
+
+def test_demonstrations_are_wrong_at_the_set_rate_and_more_often_on_hard_items():
+    import statistics
+
+    from llmfab.data.testbed import demonstration, sample_examples
+
+    rng = random.Random(0)
+    examples = sample_examples(["format", "wordlist"], 6000, rng, format_kinds=("repeat",), max_repeat=7)
+    demos = [demonstration(ex, rng, 0.25) for ex in examples]
+    wrong = [gold_reward(ex.task, ex.meta, d.answer) < 1 for ex, d in zip(examples, demos, strict=True)]
+    assert statistics.fmean(wrong) == pytest.approx(0.25, abs=0.02)
+    easy = [w for ex, w in zip(examples, wrong, strict=True) if ex.difficulty == 0]
+    hard = [w for ex, w in zip(examples, wrong, strict=True) if ex.difficulty == 1]
+    assert easy and not any(easy)  # the easiest items are always right
+    assert statistics.fmean(hard) == pytest.approx(0.5, abs=0.05)
+    assert all(demonstration(ex, rng, 0.0) is ex for ex in examples[:100])
+
+
+def test_one_item_in_several_phrasings_is_one_key():
+    from llmfab.data.testbed import sample_examples
+
+    examples = sample_examples(["arithmetic"], 400, random.Random(0), max_operand=2)
+    by_key = {}
+    for ex in examples:
+        by_key.setdefault(ex.key, set()).add(ex.prompt)
+    assert len(by_key) == 3 * 3 * 2 and max(len(p) for p in by_key.values()) > 1
 
 
 def test_fact_documents_state_every_answer_but_ask_no_question(tmp_path):
     """fact_docs put arithmetic knowledge into pre-training as equations; the evaluation questions
     themselves stay out of every text, and the facts are right."""
-    res = _prepare(tmp_path, "facts", tasks=["arithmetic"], max_operand=3, fact_docs=40, prompts=60)
+    res = _prepare(tmp_path, "facts", tasks=["arithmetic"], max_operand=3, fact_docs=40, prompts=60, heldout_prompts=10)
     text = read_dataset(res.outputs["text"], "text", "train") + read_dataset(res.outputs["text"], "text", "test")
     facts = [line for r in text if r["source"] == "facts" for line in r["text"].splitlines()]
     assert len(facts) == 40 * 8

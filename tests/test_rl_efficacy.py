@@ -4,9 +4,8 @@ its samples on held-out prompts (with the KL to the SFT model), and by the gold 
 
 Asserted: MDLOO raises the held-out reward-model score and the greedy gold reward over its SFT
 model; WARP's LITI line reaches each individual run's held-out reward at no more KL (WARP's
-claim), and its merged policy does not lose gold reward. The gains are small at this scale (the
-policy cannot learn held-out arithmetic and has saturated the format task, see the post-training
-efficacy test), so the numbers are printed for the closing notes.
+claim), and its merged policy does not lose gold reward. The numbers are printed for the closing
+notes (256 held-out items: one moves the gold reward by 0.4 points).
 """
 
 import pytest

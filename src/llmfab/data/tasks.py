@@ -4,6 +4,10 @@ Each task samples examples (prompt, reference answer, meta), scores any response
 meta with a gold reward in [0, 1], and corrupts a reference into a wrong response with a
 preference level (0 = the reference is significantly better ... 3 = negligibly better, AFM's
 four levels), which gives preference pairs with known labels.
+
+An example is an item (what is asked: `key`) in one of several phrasings (`prompt`), and has a
+`difficulty` in [0, 1]: held-out items are never asked in any phrasing, and demonstration errors
+grow with difficulty, as human annotators' do.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 WORDS = [
     "apple",
@@ -67,9 +72,19 @@ class Example:
     answer: str
     meta: dict = field(default_factory=dict)
 
+    @property
+    def key(self) -> str:
+        """The item asked, whatever the phrasing: what must not appear on both sides of a split."""
+        return item_key(self.task, self.meta, self.prompt)
+
+    @property
+    def difficulty(self) -> float:
+        return self.meta.get("difficulty", 0.5)
+
 
 class Arithmetic:
     name = "arithmetic"
+    TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "Calculate {a} {op} {b}.")
 
     def __init__(self, max_operand: int = 50):
         self.max_operand = max_operand
@@ -78,10 +93,23 @@ class Arithmetic:
         a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
         op = rng.choice("+-")
         result = a + b if op == "+" else a - b
-        return Example(self.name, f"What is {a} {op} {b}?", str(result), {"a": a, "b": b, "op": op, "answer": result})
+        prompt = rng.choice(self.TEMPLATES).format(a=a, op=op, b=b)
+        # Larger operands and negative results are harder.
+        difficulty = round(0.75 * max(a, b) / self.max_operand + (0.25 if result < 0 else 0.0), 3)
+        meta = {"a": a, "b": b, "op": op, "answer": result, "difficulty": difficulty}
+        return Example(self.name, prompt, str(result), meta)
 
     def reward(self, meta: dict, response: str) -> float:
         return float(first_int(response) == meta["answer"])
+
+    def slip(self, ex: Example) -> str:
+        """The typical mistake: a dropped carry (or borrow), else off by one."""
+        a, b, op, answer = ex.meta["a"], ex.meta["b"], ex.meta["op"], ex.meta["answer"]
+        if op == "+" and a % 10 + b % 10 >= 10:
+            return str(answer - 10)
+        if op == "-" and a % 10 < b % 10 and a >= 10:
+            return str(answer + 10)
+        return str(answer + 1)
 
     def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
         delta = rng.choice([1, 2, 5, 10, 20]) * rng.choice([-1, 1])
@@ -94,27 +122,36 @@ class FormatFollowing:
 
     name = "format"
     KINDS = ("repeat", "upper", "reverse")
+    REPEAT_TEMPLATES = (
+        "Write the word {word} {n} times, separated by commas.",
+        "Repeat {word} {n} times, with commas between.",
+        "Say {word} {n} times, comma-separated.",
+    )
 
-    def __init__(self, kinds: tuple[str, ...] = KINDS):
+    def __init__(self, kinds: tuple[str, ...] = KINDS, max_repeat: int = 5):
         unknown = set(kinds) - set(self.KINDS)
         if unknown or not kinds:
             raise ValueError(f"format kinds must be a non-empty subset of {self.KINDS}, got {kinds}")
+        if max_repeat < 2:
+            raise ValueError(f"max_repeat must be at least 2, got {max_repeat}")
         self.kinds = tuple(kinds)
+        self.max_repeat = max_repeat
 
     def sample(self, rng: random.Random) -> Example:
         kind, word = rng.choice(self.kinds), rng.choice(WORDS)
         if kind == "repeat":
-            n = rng.randint(2, 5)
-            prompt, answer = f"Write the word {word} {n} times, separated by commas.", ", ".join([word] * n)
-            meta = {"kind": kind, "word": word, "n": n}
+            n = rng.randint(2, self.max_repeat)
+            prompt = rng.choice(self.REPEAT_TEMPLATES).format(word=word, n=n)
+            # Counting more repeats is harder.
+            difficulty = round((n - 2) / max(1, self.max_repeat - 2), 3)
+            answer, meta = ", ".join([word] * n), {"kind": kind, "word": word, "n": n, "difficulty": difficulty}
         elif kind == "upper":
-            prompt, answer, meta = (
-                f"Write the word {word} in capital letters.",
-                word.upper(),
-                {"kind": kind, "word": word},
-            )
+            # Spelling tasks: out of reach for a word the model never saw transformed, the hardest.
+            prompt, answer = f"Write the word {word} in capital letters.", word.upper()
+            meta = {"kind": kind, "word": word, "difficulty": 1.0}
         else:
-            prompt, answer, meta = f"Spell the word {word} backwards.", word[::-1], {"kind": kind, "word": word}
+            prompt, answer = f"Spell the word {word} backwards.", word[::-1]
+            meta = {"kind": kind, "word": word, "difficulty": 1.0}
         return Example(self.name, prompt, answer, {**meta, "answer": answer})
 
     def reward(self, meta: dict, response: str) -> float:
@@ -128,6 +165,15 @@ class FormatFollowing:
         if meta["kind"] == "upper" and response.lower() == meta["word"]:
             return 0.5  # right word, wrong case
         return 0.0
+
+    def slip(self, ex: Example) -> str:
+        """The typical mistake: one repeat short; the word in lower case; two letters swapped."""
+        meta, word = ex.meta, ex.meta["word"]
+        if meta["kind"] == "repeat":
+            return ", ".join([word] * (meta["n"] - 1))
+        if meta["kind"] == "upper":
+            return word
+        return word[::-1][1] + word[::-1][0] + word[::-1][2:]
 
     def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
         meta, word = ex.meta, ex.meta["word"]
@@ -143,6 +189,64 @@ class FormatFollowing:
         swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
         wrong = "".join(swapped)
         return (wrong, 3) if wrong != ex.answer and rng.random() < 0.5 else (word, 1)
+
+
+class WordList:
+    """List manipulation over known words: name the last item, or write the list reversed. Longer
+    lists are harder; the answer is built only from the prompt's words, so unseen lists are learnable."""
+
+    name = "wordlist"
+    KINDS = ("last", "reverse")
+    TEMPLATES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "last": ("What is the last word in: {items}?", "Name the final item of this list: {items}."),
+        "reverse": ("Reverse the list: {items}.", "Write this list backwards: {items}."),
+    }
+
+    def __init__(self, kinds: tuple[str, ...] = KINDS, max_items: int = 5):
+        if not kinds or set(kinds) - set(self.KINDS):
+            raise ValueError(f"wordlist kinds must be a non-empty subset of {self.KINDS}, got {kinds}")
+        if max_items < 2:
+            raise ValueError(f"max_items must be at least 2, got {max_items}")
+        self.kinds, self.max_items = tuple(kinds), max_items
+
+    def sample(self, rng: random.Random) -> Example:
+        kind, n = rng.choice(self.kinds), rng.randint(2, self.max_items)
+        items = rng.sample(WORDS, n)
+        answer = items[-1] if kind == "last" else ", ".join(reversed(items))
+        prompt = rng.choice(self.TEMPLATES[kind]).format(items=", ".join(items))
+        difficulty = round((n - 2) / max(1, self.max_items - 2), 3)
+        meta = {"kind": kind, "items": items, "answer": answer, "difficulty": difficulty}
+        return Example(self.name, prompt, answer, meta)
+
+    def reward(self, meta: dict, response: str) -> float:
+        response = response.strip().rstrip(".")
+        if response == meta["answer"]:
+            return 1.0
+        if meta["kind"] == "reverse":  # partial credit: the share of positions right
+            want, got = meta["answer"].split(", "), [p.strip() for p in response.split(",")]
+            return 0.5 * sum(a == b for a, b in zip(want, got, strict=False)) / max(len(want), len(got))
+        return 0.0
+
+    def slip(self, ex: Example) -> str:
+        """The typical mistake: the item before the last; the reversed list with its first two items swapped."""
+        items = ex.meta["items"]
+        if ex.meta["kind"] == "last":
+            return items[-2]
+        return ", ".join([items[-2], items[-1], *reversed(items[:-2])])
+
+    def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
+        items = ex.meta["items"]
+        if ex.meta["kind"] == "last":
+            return (items[-2], 1) if rng.random() < 0.6 else (items[0], 0)
+        reversed_items = list(reversed(items))
+        roll = rng.random()
+        if roll < 0.4 and len(items) > 2:
+            i = rng.randrange(len(items) - 1)  # two neighbours swapped
+            reversed_items[i], reversed_items[i + 1] = reversed_items[i + 1], reversed_items[i]
+            return ", ".join(reversed_items), 2
+        if roll < 0.7:
+            return ", ".join(reversed_items[:-1]), 1  # one item dropped
+        return ", ".join(items), 0  # not reversed at all
 
 
 class KVRetrieval:
@@ -173,12 +277,17 @@ class KVRetrieval:
             "answer": value,
             "n_pairs": n_pairs,
             "depth": index / max(1, n_pairs - 1),
+            "difficulty": 0.5,
             "distractors": [v for _, v in pairs if v != value][:3],
         }
         return Example(self.name, prompt, str(value), meta)
 
     def reward(self, meta: dict, response: str) -> float:
         return float(first_int(response) == meta["answer"])
+
+    def slip(self, ex: Example) -> str:
+        """The typical mistake: another record's value."""
+        return str(ex.meta["distractors"][0]) if ex.meta["distractors"] else str(ex.meta["answer"] + 1)
 
     def corrupt(self, rng: random.Random, ex: Example) -> tuple[str, int]:
         value = ex.meta["answer"]
@@ -203,13 +312,24 @@ class LongQA:
         return float(first_int(response) == meta["answer"])
 
 
-TASKS = {t.name: t for t in (Arithmetic(), FormatFollowing(), KVRetrieval(), LongQA())}
+TASKS = {t.name: t for t in (Arithmetic(), FormatFollowing(), WordList(), KVRetrieval(), LongQA())}
 
 
 def get_task(name: str):
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
     return TASKS[name]
+
+
+def item_key(task: str, meta: dict, prompt: str) -> str:
+    """What an example asks, independent of its phrasing (two prompts for one sum are one item)."""
+    if task == "arithmetic":
+        return f"arithmetic:{meta['a']}{meta['op']}{meta['b']}"
+    if task == "format":
+        return f"format:{meta['kind']}:{meta['word']}:{meta.get('n', '')}"
+    if task == "wordlist":
+        return f"wordlist:{meta['kind']}:{','.join(meta['items'])}"
+    return f"{task}:{prompt}"
 
 
 def gold_reward(task: str, meta: dict, response: str) -> float:

@@ -77,7 +77,9 @@ def gold_eval(model, tokenizer, records: list[dict], *, max_new_tokens: int = 32
 class GoldEvalConfig(StrictModel):
     """How a stage measures its policy on the verifiable tasks (before and after training)."""
 
-    prompts: int = Field(64, ge=0, description="held-out task prompts to answer greedily; 0 turns evaluation off")
+    prompts: int = Field(
+        256, ge=0, description="held-out task prompts to answer greedily (one moves the score < 0.5 points); 0: off"
+    )
     max_new_tokens: int = Field(32, gt=0)
     batch_size: int = Field(32, gt=0)
 
