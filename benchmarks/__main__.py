@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     parser.add_argument("--quick", action="store_true", help="smoke-sized runs (checks the plumbing, not speed)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
-    parser.add_argument("--efficacy-scale", type=float, help="share of the tiny preset's steps (default 0.04)")
+    parser.add_argument("--efficacy-scale", type=float, help="share of the tiny preset's steps (default 1: its own)")
     parser.add_argument("--efficacy-seeds", type=int, nargs="+", help="seeds of the efficacy runs (default 0 1 2)")
     args = parser.parse_args(argv)
     options = {"efficacy": {"scale": args.efficacy_scale, "seeds": args.efficacy_seeds}}

@@ -1,18 +1,13 @@
-"""What each stage of each family's pipeline achieves on the tiny testbed, over several seeds (issue #9,
-section 4).
+"""What each stage of each family's pipeline achieves on the tiny testbed, over several seeds.
 
 Each family's recipe runs in process (the same stages and order as its Kubeflow pipeline) at the tiny
-preset with two kinds of overrides:
-- LEARNABLE: the testbed's tasks a 128-wide model can learn to answer for unseen prompts (single-digit
-  arithmetic, "repeat the word n times"; the tiny preset's full task mix leaves every family at gold 0)
-  and 200 held-out prompts (each stage answers 64 of them, greedily);
-- SHORTER: a share of the preset's optimizer steps and samples (`shrink`), so that 4 families x 3 seeds fit
-  the benchmark's budget; `--efficacy-scale 1` runs the tiny preset's own step counts.
-Only the seed changes between a family's runs (every stage's `seed`: initialisation, data order,
-sampling); the dataset is the same testbed for all runs (built once), the tokenizer is deterministic.
-Runs go two at a time, each in its own single-threaded process.
-The metrics are those the stages log themselves: held-out loss, gold reward (greedy, held-out prompts),
-reward-model accuracy (held-out pairs), needle retrieval; the final `evaluate` adds win rates and KL.
+preset, by default with its own step counts (`--efficacy-scale S` runs a share S of every stage's
+optimizer steps and samples, `shrink`). Only the seed changes between a family's runs (every stage's
+`seed`: initialisation, data order, sampling); the dataset is the presets' testbed (built once, shared),
+the tokenizer is deterministic. Runs go two at a time, each in its own single-threaded process.
+The metrics are those the stages log themselves: held-out loss, gold reward (greedy, the 256 held-out
+items), reward-model accuracy (held-out pairs), needle retrieval; the final `evaluate` adds win rates and
+KL to the SFT model. The tables also go to benchmarks/RESULTS.md (`write_results`).
 """
 
 from __future__ import annotations
@@ -32,17 +27,10 @@ COST = {"gemma2": 3, "afm": 2, "llama31": 2, "qwen2": 1}  # relative run time, t
 
 # Not measured here: the tokenizer's multilingual report (a BPE trained per vocabulary size).
 UNMEASURED = ("tokenizer.report=null",)
-LEARNABLE = (
-    "data.tasks=[arithmetic,format]",
-    "data.format_kinds=[repeat]",
-    "data.max_operand=9",
-    "data.prompts=2000",
-    "data.preference_pairs=3000",
-)
 
-# A stage's optimizer steps and sample counts, scaled: SHORTER for the efficacy runs (the tiny preset takes
-# 5-9 minutes a run), QUICK for the smoke test (a few steps each: the plumbing, not efficacy).
-SHORTER = 0.04
+# A stage's optimizer steps and sample counts, scaled: FULL for the efficacy runs (the tiny preset's own),
+# QUICK for the smoke test (a few steps each: the plumbing, not efficacy).
+FULL = 1.0
 QUICK = 0.02
 COUNTS = ("n_docs", "episodes", "prompts_per_episode", "max_prompts", "max_examples")
 # Long-context Q&A documents vary in length: fewer of them may leave none that fits the context stage.
@@ -85,7 +73,7 @@ REDUCED_EXTRA = {"llama31": ("context.gate=false", "preferences.annotator=reward
 
 
 def _overrides(family: str, seed: int, step_ids: list[str], scale: float) -> list[str]:
-    overrides = [*LEARNABLE, *UNMEASURED, *shrink(family, scale)]
+    overrides = [*UNMEASURED, *(shrink(family, scale) if scale != FULL else ())]
     overrides += REDUCED_EXTRA.get(family, ()) if scale < 1 else ()
     return overrides + [f"{s}.seed={seed}" for s in step_ids if s not in UNSEEDED]
 
@@ -204,8 +192,8 @@ def run(
     scale: float | None = None,
     workers: int | None = None,
 ) -> dict:
-    """`scale`: the share of the tiny preset's steps and samples each stage runs (default SHORTER)."""
-    seeds, scale = seeds or SEEDS, scale or (QUICK if quick else SHORTER)
+    """`scale`: the share of the tiny preset's steps and samples each stage runs (default FULL)."""
+    seeds, scale = seeds or SEEDS, scale or (QUICK if quick else FULL)
     with tempfile.TemporaryDirectory(prefix="llmfab-bench-efficacy-") as root:
         shared = run_isolated("benchmarks.efficacy:prepare", {"root": root, "scale": scale}, threads=1)
 
@@ -222,5 +210,30 @@ def run(
             done = dict(zip(jobs, pool.map(one, jobs), strict=True))
         results = [{"family": f, "runs": [done[(f, s)] for s in seeds]} for f in families]
     tables = [summary_table(results)] + [family_table(r) for r in results]
-    overrides = {"learnable": LEARNABLE, "scale": scale, "shrink": {f: shrink(f, scale) for f in families}}
+    overrides = {"scale": scale, "shrink": {f: shrink(f, scale) for f in families}}
+    if not quick:
+        write_results(tables, seeds, scale)
     return {"tables": tables, "results": {"families": results, "overrides": overrides}}
+
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## efficacy"
+
+
+def write_results(tables: list[str], seeds: tuple[int, ...], scale: float, path: Path = RESULTS) -> None:
+    """Replace RESULTS.md's efficacy section (from its heading to the next `## `) with this run's tables."""
+    import time
+
+    body = (
+        f"{SECTION}\n\nThe tiny presets, {'their own steps' if scale == FULL else f'{scale:g} of their steps'}, "
+        f"seeds {', '.join(map(str, seeds))} ({time.strftime('%Y-%m-%d')}; `python -m benchmarks --only efficacy`).\n\n"
+        + "\n\n".join(tables)
+        + "\n"
+    )
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start < 0:
+        path.write_text(text.rstrip("\n") + "\n\n" + body)
+        return
+    end = text.find("\n## ", start + len(SECTION))
+    path.write_text(text[:start] + body + (text[end + 1 :] if end >= 0 else ""))

@@ -10,7 +10,7 @@ from llmfab.config.recipe import load_recipe
 
 
 @pytest.mark.parametrize("family", efficacy.FAMILIES)
-@pytest.mark.parametrize("factor", [efficacy.SHORTER, efficacy.QUICK])
+@pytest.mark.parametrize("factor", [0.04, efficacy.QUICK])
 def test_shortened_recipes_are_valid_and_seeded(family, factor):
     full = load_recipe(family, "tiny")
     short = efficacy._recipe(family, 7, factor)
@@ -22,8 +22,21 @@ def test_shortened_recipes_are_valid_and_seeded(family, factor):
         if train is not None and hasattr(train, "max_steps"):
             assert 1 <= train.max_steps <= ref_train.max_steps, step.id
             assert train.optim.warmup_steps < train.max_steps or train.max_steps == 1, step.id
-    data = short.step("data").config
-    assert data.tasks == ["arithmetic", "format"] and data.max_operand == 9  # the learnable testbed
+    assert short.step("data").config == full.step("data").config  # the presets' own testbed
+
+
+def test_full_scale_runs_the_presets_own_steps():
+    full, same = load_recipe("qwen2", "tiny"), efficacy._recipe("qwen2", 0, efficacy.FULL)
+    assert same.step("sft").config.train == full.step("sft").config.train
+
+
+def test_efficacy_tables_replace_their_section_of_the_results_file(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## throughput\nkept\n\n## efficacy\nold\n\n## scaling\nkept too\n")
+    efficacy.write_results(["| a |", "| b |"], (0, 1, 2), efficacy.FULL, path)
+    text = path.read_text()
+    assert "old" not in text and "kept\n" in text and "## scaling\nkept too" in text
+    assert "their own steps, seeds 0, 1, 2" in text and "| a |\n\n| b |" in text
 
 
 def test_overhead_split_adds_up():
