@@ -76,7 +76,9 @@ def load_model(
         folder, dtype=DTYPES[dtype], num_labels=1, **SAFE_LOADING
     )
     if model.config.pad_token_id is None:
-        raise ValueError(f"{ref}: a reward model needs pad_token_id in its config (it pools the last non-pad token)")
+        raise ValueError(
+            f"{ref}: a reward model needs pad_token_id in its config (transformers refuses padded batches without one)"
+        )
     return model.to(device)
 
 
