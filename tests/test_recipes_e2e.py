@@ -1,7 +1,9 @@
 """Each family's tiny pipeline end to end through kfp.local, as `llmfab run` / `make run` runs Qwen2 (slow: minutes
-per family): every step a task (a subprocess running its component), every task a nested MLflow run, and the
-aligned model in the registry with its lineage, `candidate` and (a first run passes the gate) `champion`,
-loadable by alias."""
+per family): every step a task (a subprocess running its component), every task a nested MLflow run, the aligned
+model in the registry with its lineage, `candidate` and (a first run passes the gate) `champion`, loadable by
+alias; and the model learned: on the 256 held-out items, SFT lifts the gold reward by at least 0.30 over the
+base, and the final (aligned) model reaches 0.35 and keeps SFT's gold reward, adding 0.03 over it where the
+family's alignment stages earn their place on the tiny testbed (every family but ALIGNMENT_HOLDS)."""
 
 import pytest
 
@@ -9,6 +11,10 @@ from llmfab.config.recipe import list_families, load_recipe
 from llmfab.kubeflow.local import run_local
 from llmfab.registry import generate_text, load_registered
 from llmfab.tracking import Tracker
+
+# AFM's final model is the palettized on-device model with its recovery adapters: compression costs gold reward
+# that post-training gained, so it is held to SFT's level (-0.02), not above it.
+ALIGNMENT_HOLDS = {"afm"}
 
 
 @pytest.mark.slow
@@ -36,6 +42,10 @@ def test_family_tiny_recipe_runs_end_to_end(family, tmp_path, tracking_uri):
 
     evaluation = children["evaluate"].data.metrics
     assert 0 <= evaluation["gold_reward"] <= 1 and evaluation["heldout_ppl"] > 1 and "win_rate_rm" in evaluation
+    sft = children["sft"].data.metrics
+    assert sft["gold_reward"] >= sft["gold_reward_before"] + 0.30, sft
+    final, floor = evaluation["gold_reward"], sft["gold_reward"] + (-0.02 if family in ALIGNMENT_HOLDS else 0.03)
+    assert final >= 0.35 and final >= floor, (final, sft["gold_reward"])
     name = f"llmfab-{recipe.family}"
     candidate = tracker.client.get_model_version_by_alias(name, "candidate")
     champion = tracker.client.get_model_version_by_alias(name, "champion")  # the first version passes the gate
