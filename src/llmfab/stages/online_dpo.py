@@ -22,7 +22,7 @@ from llmfab.stages.collect_preferences import best_and_worst
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import training_device
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
-from llmfab.train.pairs import pad_right, pair_batch, reference_logps
+from llmfab.train.pairs import pair_batch, pair_tensors, reference_logps
 from llmfab.train.rollouts import EpisodeBatches, sample_scores
 from llmfab.train.trainer import Trainer
 
@@ -84,30 +84,18 @@ def pick_pairs(
 def pair_rows(tokenizer, samples: Samples, pairs: list[tuple[int, int]], mask_formatting: bool) -> dict:
     """encode_pairs' tensors for (chosen, rejected) sample indices: rendered prompt ids + the response ids
     exactly as sampled (a cut-off answer gets no end token appended), the mask on the response."""
-    cols: dict[str, list] = {k: [] for k in ("chosen", "chosen_full", "rejected")}
-    ids: dict[str, list] = {"chosen": [], "rejected": []}
+    cols: dict[str, list] = {k: [] for k in ("c_ids", "c_mask", "c_full", "r_ids", "r_mask")}
     for chosen, rejected in pairs:
-        for side, j in (("chosen", chosen), ("rejected", rejected)):
+        for side, j in (("c", chosen), ("r", rejected)):
             prompt, response = samples.prompt_ids[j], samples.completion_ids[j]
             seq, mask = prompt + response, [0] * len(prompt) + [1] * len(response)
-            if side == "chosen":
-                cols["chosen_full"].append(mask)  # the NLL term's mask keeps the formatting tokens
+            if side == "c":
+                cols["c_full"].append(mask)  # the NLL term's mask keeps the formatting tokens
             if mask_formatting:
                 mask = [m * (1 - f) for m, f in zip(mask, formatting_mask(tokenizer, seq), strict=True)]
-            ids[side].append(seq)
-            cols[side].append(mask)
-    length, pad = max(len(s) for s in ids["chosen"] + ids["rejected"]), tokenizer.pad_token_id
-    return {
-        "chosen_ids": pad_right(ids["chosen"], pad, length),
-        "chosen_mask": pad_right(cols["chosen"], 0, length),
-        "chosen_full_mask": pad_right(cols["chosen_full"], 0, length),
-        "rejected_ids": pad_right(ids["rejected"], pad, length),
-        "rejected_mask": pad_right(cols["rejected"], 0, length),
-        "chosen_length": torch.tensor([len(s) for s in ids["chosen"]]),
-        "rejected_length": torch.tensor([len(s) for s in ids["rejected"]]),
-        "margin": torch.zeros(len(pairs)),
-        "label": torch.ones(len(pairs)),
-    }
+            cols[f"{side}_ids"].append(seq)
+            cols[f"{side}_mask"].append(mask)
+    return pair_tensors({**cols, "margin": [0.0] * len(pairs), "label": [1.0] * len(pairs)}, tokenizer.pad_token_id)
 
 
 def _mean(xs: list[float]) -> float | None:

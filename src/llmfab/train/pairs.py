@@ -68,18 +68,23 @@ def encode_pairs(
         log.warning("%s: dropped %d of %d pairs longer than %d tokens", where, dropped, len(records), max_len)
     if not cols["c_ids"]:
         raise DataError(f"{where}: no preference pairs left (all longer than max_len={max_len} or none given)")
+    return pair_tensors(cols, tokenizer.pad_token_id)
+
+
+def pair_tensors(cols: dict[str, list], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The batch layout of pairs from per-pair lists: c_ids / r_ids (conversations), c_mask / r_mask (what the
+    loss scores), c_full (the chosen response, for NLL), margin, label; rows right-padded to one length."""
     length = max(len(s) for s in cols["c_ids"] + cols["r_ids"])
-    pad = tokenizer.pad_token_id
     return {
-        "chosen_ids": pad_right(cols["c_ids"], pad, length),
+        "chosen_ids": pad_right(cols["c_ids"], pad_token_id, length),
         "chosen_mask": pad_right(cols["c_mask"], 0, length),
         "chosen_full_mask": pad_right(cols["c_full"], 0, length),
-        "rejected_ids": pad_right(cols["r_ids"], pad, length),
+        "rejected_ids": pad_right(cols["r_ids"], pad_token_id, length),
         "rejected_mask": pad_right(cols["r_mask"], 0, length),
         "chosen_length": torch.tensor([len(s) for s in cols["c_ids"]]),
         "rejected_length": torch.tensor([len(s) for s in cols["r_ids"]]),
-        "margin": torch.tensor(cols["margin"]),
-        "label": torch.tensor(cols["label"]),
+        "margin": torch.tensor(cols["margin"], dtype=torch.float32),
+        "label": torch.tensor(cols["label"], dtype=torch.float32),
     }
 
 
