@@ -216,8 +216,8 @@ def train_cfg(lr: float, steps: int, batch: int = 8, warmup: int = 5) -> dict:
 def alignment_chain(tmp_path_factory):
     """data -> tokenizer -> base -> SFT -> reward model on the tiny presets' testbed (repeat a word n times,
     name the last / reverse a list of words; 30 % of the written demonstrations carry the task's typical
-    mistake): only 400 written conversations, plenty of prompts and pairs. Built once for the post-training and RL efficacy tests;
-    `run(step, stage, cfg, inputs)` runs a further stage in the same store."""
+    mistake): only 400 written conversations, plenty of prompts and pairs. Built once for the post-training
+    and RL efficacy tests; `run(step, stage, cfg, inputs)` runs a further stage in the same store."""
     from llmfab.stages.runner import run_stage
     from llmfab.storage import open_store
 
