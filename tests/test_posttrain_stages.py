@@ -343,7 +343,8 @@ def test_a_committee_must_share_the_tokenizer_not_just_its_size(models, tmp_path
 def test_preference_level_and_tie_breaking():
     import random
 
-    from llmfab.stages.collect_preferences import best_and_worst, preference_level
+    from llmfab.stages.collect_preferences import preference_level
+    from llmfab.train.pairs import best_and_worst
 
     assert [preference_level(g) for g in (1.0, 0.6, 0.3, 0.1)] == [0, 1, 2, 3]
     picks = {best_and_worst([1.0, 0.0, 1.0, 0.0], random.Random(seed)) for seed in range(20)}

@@ -24,7 +24,7 @@ from llmfab.generation import SamplingConfig
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.distributed import training_device
-from llmfab.train.pairs import reward_scores
+from llmfab.train.pairs import best_and_worst, reward_scores
 
 
 class CollectPreferencesConfig(StageConfig, SamplingConfig):
@@ -36,19 +36,6 @@ class CollectPreferencesConfig(StageConfig, SamplingConfig):
 def preference_level(gap: float) -> int:
     """A verifier score gap in [0, 1] as AFM's level: 0 significantly ... 3 negligibly better."""
     return 0 if gap >= 0.75 else 1 if gap >= 0.5 else 2 if gap >= 0.25 else 3
-
-
-def best_and_worst(scores: list[float], rng: random.Random) -> tuple[int, int] | None:
-    """Indices of a best and a worst answer, ties broken at random (not by sampling order, which would
-    favour the first sample); None when all answers score alike: no preference to learn. The one rule
-    of every stage that pairs its own samples (collect_preferences, online_dpo)."""
-    top, bottom = max(scores), min(scores)
-    if top == bottom:
-        return None
-    return (
-        rng.choice([i for i, s in enumerate(scores) if s == top]),
-        rng.choice([i for i, s in enumerate(scores) if s == bottom]),
-    )
 
 
 @stage(

@@ -18,11 +18,10 @@ from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval, 
 from llmfab.generation import Samples, sample_policy
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
-from llmfab.stages.collect_preferences import best_and_worst
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import training_device
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
-from llmfab.train.pairs import pair_batch, pair_tensors, reference_logps
+from llmfab.train.pairs import best_and_worst, pair_batch, pair_tensors, reference_logps
 from llmfab.train.rollouts import EpisodeBatches, sample_scores
 from llmfab.train.trainer import Trainer
 

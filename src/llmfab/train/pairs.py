@@ -14,6 +14,7 @@ where transformers pools (the last token that is not pad): that moves when pad e
 from __future__ import annotations
 
 import logging
+import random
 
 import torch
 
@@ -174,3 +175,16 @@ def reward_scores_of_ids(reward_model, encoded: list[list[int]], pad_token_id: i
         lengths = torch.tensor([len(seq) for seq in chunk], device=device)
         scores.append(reward_at_last_token(reward_model, ids, lengths).cpu())
     return torch.cat(scores)
+
+
+def best_and_worst(scores: list[float], rng: random.Random) -> tuple[int, int] | None:
+    """Indices of a best and a worst answer, ties broken at random (not by sampling order, which would
+    favour the first sample); None when all answers score alike: no preference to learn. The one rule
+    of every stage that pairs its own samples (collect_preferences, online_dpo)."""
+    top, bottom = max(scores), min(scores)
+    if top == bottom:
+        return None
+    return (
+        rng.choice([i for i, s in enumerate(scores) if s == top]),
+        rng.choice([i for i, s in enumerate(scores) if s == bottom]),
+    )
