@@ -114,6 +114,7 @@ def choose_mode(mode: str, model_uri: str, max_flavor_parameters: int) -> tuple[
 
 def _log_transformers(client, run_id: str, model_uri: str, metadata: dict) -> str:
     """Log the checkpoint with the transformers flavour as artifacts of `run_id`; returns the artifact URI."""
+    import huggingface_hub
     import mlflow.transformers
 
     from llmfab.models import load_model, load_tokenizer
@@ -122,6 +123,10 @@ def _log_transformers(client, run_id: str, model_uri: str, metadata: dict) -> st
     dtype = checkpoint_dtype(model_uri)  # keep a bf16 checkpoint bf16 in the artifact, not upcast
     model = load_model(model_uri, dtype=dtype if dtype in DTYPES else "float32")
     tokenizer = load_tokenizer(model_uri)
+    # A trained checkpoint has no hub repo: named by its store URI (not a valid repo id) and given its own card,
+    # mlflow does not spend ~45 s of retries looking a card and a license up on the hub for it.
+    model.name_or_path = model_uri
+    card = huggingface_hub.ModelCard(f"# {model_uri}\n\nTrained by llmfab; lineage in the registering MLflow run.\n")
     with tempfile.TemporaryDirectory(prefix="llmfab-register-") as tmp:
         path = Path(tmp) / ARTIFACT_PATH
         mlflow.transformers.save_model(
@@ -130,6 +135,7 @@ def _log_transformers(client, run_id: str, model_uri: str, metadata: dict) -> st
             task="text-generation",
             pip_requirements=pip_requirements(),
             metadata=metadata,
+            model_card=card,
         )
         client.log_artifacts(run_id, str(path), ARTIFACT_PATH)
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
