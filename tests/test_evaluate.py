@@ -4,6 +4,7 @@ tying (win rates 1/2, KL 0), missing inputs skipped with a reason, bad config fi
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,62 @@ def test_missing_inputs_are_skipped_with_reasons(testbed, models, tmp_path):
 def test_bad_config_names_the_field(cfg, field):
     with pytest.raises(ConfigError, match=field):
         run_stage("evaluate", cfg, {"model": "unused"}, track=False)
+
+
+# -- the measurements one by one (evaluation.measures) ------------------------------------------
+def test_heldout_perplexity_counts_assistant_tokens(testbed, models):
+    from llmfab.evaluation.measures import heldout_perplexity
+    from llmfab.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(models["policy"]), load_model(models["policy"]).eval()
+    got = heldout_perplexity(model, tok, testbed["sft"], max_len=256, conversations=4, batch_size=4)
+    assert set(got.metrics) == {"heldout_loss", "heldout_ppl"} and got.samples is None
+    assert got.metrics["heldout_ppl"] == pytest.approx(math.exp(got.metrics["heldout_loss"]))
+    assert re.fullmatch(r"data test split: assistant tokens of [1-4] conversations", got.on) and got.n > 4
+
+
+def test_greedy_gold_reward_counts_prompts_per_task(testbed, models):
+    from llmfab.evaluation.gold import task_prompts
+    from llmfab.evaluation.measures import greedy_gold_reward
+    from llmfab.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(models["policy"]), load_model(models["policy"]).eval()
+    records = task_prompts(testbed["prompts"], "prompt", "test", 4)
+    got = greedy_gold_reward(model, tok, records, "prompts test split", max_new_tokens=6, batch_size=4, seed=0)
+    tasks = {f"gold_reward_{r['task']}" for r in records}
+    assert set(got.metrics) == {"gold_reward", "response_tokens", *tasks} == set(got.n)
+    assert got.n["gold_reward"] == got.n["response_tokens"] == 4 == sum(got.n[t] for t in tasks)
+    assert got.on == "prompts test split, greedy"
+    assert got.metrics["gold_reward"] == pytest.approx(sum(got.samples["gold_reward"]) / 4)
+
+
+def test_sampled_comparison_measures_what_its_models_allow(testbed, models):
+    from llmfab.evaluation.gold import task_prompts
+    from llmfab.evaluation.measures import sampled_comparison
+    from llmfab.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(models["policy"]), load_model(models["policy"]).eval()
+    rm = load_model(models["rm"], kind="reward").eval()
+    reference = load_model(models["reference"]).eval()
+    records = task_prompts(testbed["prompts"], "prompt", "test", 2)
+    sampling = dict(n=2, temperature=1.0, max_new_tokens=6, seed=0, batch_size=4)
+    by_rm = sampled_comparison(model, tok, records, "prompts test split", reward_model=rm, **sampling)
+    assert set(by_rm.metrics) == {"rm_score"} and by_rm.n == 4
+    assert by_rm.on == "prompts test split, 2 samples per prompt at T=1.0"
+    by_ref = sampled_comparison(model, tok, records, "prompts test split", reference=reference, **sampling)
+    assert set(by_ref.metrics) == {"kl_to_reference", "win_rate_gold"}
+    both = sampled_comparison(model, tok, records, "on", reference=reference, reward_model=rm, **sampling)
+    assert set(both.metrics) == SAMPLED and len(both.samples["response"]) == 4
+    assert both.metrics["rm_score"] == by_rm.metrics["rm_score"]  # the same seeded answers
+    assert both.metrics["kl_to_reference"] == by_ref.metrics["kl_to_reference"]
+
+
+def test_needle_retrieval_reports_its_length(testbed, models):
+    from llmfab.evaluation.measures import needle_retrieval
+    from llmfab.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(models["policy"]), load_model(models["policy"]).eval()
+    got = needle_retrieval(model, tok, testbed["text"], length=96, samples=2, seed=0)
+    assert set(got.metrics) == NEEDLE and got.metrics["needle_length"] == 96
+    assert 0 <= got.metrics["needle_acc"] <= 1 and got.metrics["needle_nll"] > 0
+    assert got.n == 2 and got.on == "corpus test prose, depths spread evenly" and got.samples is None

@@ -198,6 +198,33 @@ def test_warp_resumes_exactly_with_its_ema_anchor(models, tmp_path, monkeypatch)
     _assert_same_weights(full.outputs["model"], resumed.outputs["model"])
 
 
+def test_rl_setup_freezes_the_reference_and_puts_the_reward_model_on_the_training_device(models, monkeypatch):
+    import llmfab.train.rl_setup as rl_setup
+    from llmfab.stages.mdloo import MDLOOConfig
+    from llmfab.stages.online_dpo import OnlineDPOConfig
+
+    monkeypatch.setattr(rl_setup, "training_device", lambda: torch.device("meta"))  # stands in for a GPU
+    inputs = {**_rl_inputs(models), "reference": models["other"]}
+    mdloo = MDLOOConfig(max_prompts=5, heldout_prompts=3, eval=QUICK_EVAL)
+    rl = rl_setup.load_rl_setup(inputs, mdloo)
+    assert next(rl.reward_model.parameters()).device.type == "meta" and not rl.reward_model.training
+    assert next(rl.policy.parameters()).device.type == next(rl.reference.parameters()).device.type == "cpu"
+    assert all(p.requires_grad for p in rl.policy.parameters())  # the Trainer puts it in train mode
+    assert not rl.reference.training and not any(p.requires_grad for p in rl.reference.parameters())
+    assert not any(p.requires_grad for p in rl.reward_model.parameters())
+    other = load_model(models["other"]).state_dict()
+    assert all(torch.equal(v, other[k]) for k, v in rl.reference.state_dict().items())  # the `reference` input
+    assert len(rl.prompts) == 5 and len(rl.held_out) == 3 and len(rl.eval_records) == QUICK_EVAL["prompts"]
+
+    warp = rl_setup.load_rl_setup(inputs, mdloo, reference_is_policy_copy=True)
+    assert warp.reference is not warp.policy and not warp.reference.training
+    policy = warp.policy.state_dict()
+    assert all(torch.equal(v, policy[k]) for k, v in warp.reference.state_dict().items())
+
+    odpo = rl_setup.load_rl_setup(_rl_inputs(models), OnlineDPOConfig(eval={"prompts": 0}))  # no RolloutConfig
+    assert odpo.held_out == [] and odpo.eval_records == [] and len(odpo.prompts) > 5
+
+
 def test_merge_stage(models, tmp_path):
     a, b, init = models["policy"], models["other"], models["policy"]
     res = _run("merge", {"method": "slerp", "eta": 0.5}, {"models": [a, b], "init": init}, tmp_path / "slerp")

@@ -8,14 +8,13 @@ are given; the report names the ones skipped and why."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 from pydantic import Field
 
 from llmfab.errors import DataError
-from llmfab.evaluation.gold import gold_eval, task_prompts
-from llmfab.evaluation.long_context import needle_eval, prose_filler
-from llmfab.evaluation.report import Report, compare_sampled, heldout_loss
+from llmfab.evaluation.gold import task_prompts
+from llmfab.evaluation.measures import greedy_gold_reward, heldout_perplexity, needle_retrieval, sampled_comparison
+from llmfab.evaluation.report import Report
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.distributed import training_device
@@ -60,6 +59,11 @@ def _prompt_records(inputs: dict[str, str], limit: int, gold_only: bool) -> tupl
     return task_prompts(inputs[name], kind, "test", limit, gold_only=gold_only), f"{name} test split"
 
 
+def _why_not(missing_input: str, count: int, field: str) -> str:
+    """Why a measurement is skipped: its missing input, else its count field set to 0 ('': it runs)."""
+    return missing_input or ("" if count else f"{field}=0")
+
+
 @stage(
     "evaluate",
     EvaluateConfig,
@@ -80,49 +84,53 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
     model = load_model(inputs["model"], device=device).eval()
     context = model.config.max_position_embeddings
     report = Report()
-    has_prompts = "prompts" in inputs or "data" in inputs
+    no_data = "" if "data" in inputs else "no `data` input"
+    no_prompts = "" if "prompts" in inputs or "data" in inputs else "no `prompts` or `data` input"
+    no_corpus = "" if "corpus" in inputs else "no `corpus` input (needle haystack)"
 
-    if "data" not in inputs or not config.heldout_conversations:
-        report.skip(HELDOUT, "no `data` input" if "data" not in inputs else "heldout_conversations=0")
+    if why := _why_not(no_data, config.heldout_conversations, "heldout_conversations"):
+        report.skip(HELDOUT, why)
     else:
-        max_len = config.max_len or min(context, 2048)
         try:
-            metrics, convs, tokens = heldout_loss(
-                model, tokenizer, inputs["data"], max_len, config.heldout_conversations, config.batch_size
+            heldout = heldout_perplexity(
+                model,
+                tokenizer,
+                inputs["data"],
+                max_len=config.max_len or min(context, 2048),
+                conversations=config.heldout_conversations,
+                batch_size=config.batch_size,
             )
-            report.add(metrics, f"data test split: assistant tokens of {convs} conversations", tokens)
+            report.add(heldout.metrics, heldout.on, heldout.n)
         except DataError as e:
             report.skip(HELDOUT, str(e))
 
-    if not has_prompts or not config.prompts:
-        report.skip(GOLD, "no `prompts` or `data` input" if not has_prompts else "prompts=0")
+    if why := _why_not(no_prompts, config.prompts, "prompts"):
+        report.skip(GOLD, why)
     else:
         try:
             records, on = _prompt_records(inputs, config.prompts, gold_only=True)
         except DataError as e:
             report.skip(GOLD, str(e))
         else:
-            metrics, rows = gold_eval(
+            gold = greedy_gold_reward(
                 model,
                 tokenizer,
                 records,
+                on,
                 max_new_tokens=config.max_new_tokens,
                 batch_size=config.batch_size,
                 seed=config.seed,
             )
-            per_task = Counter(r["task"] for r in records)
-            counts = {f"gold_reward_{t}": c for t, c in per_task.items()} | {"gold_reward": len(records)}
-            counts["response_tokens"] = len(records)
-            report.add(metrics, f"{on}, greedy", counts)
-            ctx.log_table(rows, "samples/gold.json")
+            report.add(gold.metrics, gold.on, gold.n)
+            ctx.log_table(gold.samples, "samples/gold.json")
 
-    # Sampled measurements, each needing the models named here (and prompts).
+    # Sampled measurements, each needing the models named in SAMPLED (and prompts).
     wanted = [m for m, needs in SAMPLED.items() if all(k in inputs for k in needs)]
     for name, needs in SAMPLED.items():
         if name not in wanted:
             report.skip([name], " and ".join(f"no `{k}` input" for k in needs if k not in inputs))
-    if wanted and (not has_prompts or not config.sample_prompts):
-        report.skip(wanted, "no `prompts` or `data` input" if not has_prompts else "sample_prompts=0")
+    if wanted and (why := _why_not(no_prompts, config.sample_prompts, "sample_prompts")):
+        report.skip(wanted, why)
         wanted = []
     reward_model = reference = None
     if wanted:
@@ -137,10 +145,11 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
         except DataError as e:
             report.skip(wanted, str(e))
         else:
-            metrics, rows = compare_sampled(
+            sampled = sampled_comparison(
                 model,
                 tokenizer,
                 records,
+                on,
                 reference=reference,
                 reward_model=reward_model,
                 n=config.samples_per_prompt,
@@ -149,21 +158,19 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
                 seed=config.seed,
                 batch_size=config.batch_size,
             )
-            n = len(records) * config.samples_per_prompt
-            report.add(metrics, f"{on}, {config.samples_per_prompt} samples per prompt at T={config.temperature}", n)
-            report.skip([m for m in wanted if m not in metrics], f"no gold-reward tasks in the {on}")
-            ctx.log_table(rows, "samples/sampled.json")
+            report.add(sampled.metrics, sampled.on, sampled.n)
+            report.skip([m for m in wanted if m not in sampled.metrics], f"no gold-reward tasks in the {on}")
+            ctx.log_table(sampled.samples, "samples/sampled.json")
     del reward_model, reference  # free their memory before the long needle contexts
 
-    if "corpus" not in inputs or not config.needle_samples:
-        report.skip(NEEDLE, "no `corpus` input (needle haystack)" if "corpus" not in inputs else "needle_samples=0")
+    if why := _why_not(no_corpus, config.needle_samples, "needle_samples"):
+        report.skip(NEEDLE, why)
     else:
         length = min(config.needle_length or context, config.max_needle_length)
-        filler = prose_filler(inputs["corpus"], "test")
-        metrics = needle_eval(model, tokenizer, length, filler, config.needle_samples, seed=config.seed)
-        report.add(
-            {**metrics, "needle_length": length}, "corpus test prose, depths spread evenly", config.needle_samples
+        needle = needle_retrieval(
+            model, tokenizer, inputs["corpus"], length=length, samples=config.needle_samples, seed=config.seed
         )
+        report.add(needle.metrics, needle.on, needle.n)
 
     for name, why in report.skipped.items():
         log.info("evaluate: %s skipped (%s)", name, why)

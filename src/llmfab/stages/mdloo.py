@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from llmfab.data.io import read_dataset
-from llmfab.errors import DataError
-from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
+from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval
 from llmfab.losses.rl import masked_entropy, mirror_descent_loss
-from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.models import save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.rl_setup import load_rl_setup
 from llmfab.train.rollouts import (
     EpisodeBatches,
     RolloutConfig,
-    heldout_records,
     like_training,
     measure_policy,
     response_logps,
@@ -74,16 +72,10 @@ def mdloo_loss_fn(config: MDLOOConfig):
 )
 def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Mirror-descent policy optimisation with leave-one-out advantages over K samples per prompt."""
-    tokenizer = load_tokenizer(inputs["model"])
-    policy = load_model(inputs["model"])
-    reference = load_model(inputs.get("reference", inputs["model"])).eval().requires_grad_(False)
-    reward_model = load_model(inputs["reward_model"], kind="reward").eval().requires_grad_(False)
-    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
-    if not prompts:
-        raise DataError(f"{inputs['prompts']}: no training prompts")
-    records = eval_records(config.eval, inputs, ("prompts", "prompt"))
+    rl = load_rl_setup(inputs, config)
+    policy, reference, reward_model, tokenizer = rl.policy, rl.reference, rl.reward_model, rl.tokenizer
+    prompts, records, held_out = rl.prompts, rl.eval_records, rl.held_out
     log_gold_eval(policy, tokenizer, records, config.eval, ctx, "_before")
-    held_out = heldout_records(inputs, config)
     scoring = like_training(config.train)
 
     def log_heldout(suffix: str) -> None:  # what the stage optimises, on prompts it never samples
@@ -95,7 +87,7 @@ def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[
     log_heldout("_before")
     trainer = Trainer(policy, config.train, ctx, mdloo_loss_fn(config), tokenizer=tokenizer,
                       checkpoint_meta={"stage": "mdloo"})  # fmt: skip
-    reference.to(trainer.device), reward_model.to(trainer.device)  # next to the policy (a GPU when there is one)
+    reference.to(trainer.device)  # next to the policy (a GPU when there is one), as the reward model already is
 
     def build(iteration: int):
         n = config.prompts_per_rollout

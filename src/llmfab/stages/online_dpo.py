@@ -12,16 +12,15 @@ import torch
 from pydantic import Field, model_validator
 
 from llmfab.data.chat import formatting_mask
-from llmfab.data.io import read_dataset
 from llmfab.errors import DataError
-from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval, score_gold
+from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval, score_gold
 from llmfab.generation import Samples, sample_policy
-from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.models import save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
-from llmfab.train.distributed import training_device
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
 from llmfab.train.pairs import best_and_worst, pair_batch, pair_tensors, reference_logps
+from llmfab.train.rl_setup import load_rl_setup
 from llmfab.train.rollouts import EpisodeBatches, sample_scores
 from llmfab.train.trainer import Trainer
 
@@ -211,16 +210,8 @@ class Episodes:
 )
 def run(config: OnlineDPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Online DPO episodes: sample n answers, RM best = chosen / worst = rejected, DPO update."""
-    tokenizer = load_tokenizer(inputs["model"])
-    policy = load_model(inputs["model"])
-    reference = load_model(inputs.get("reference", inputs["model"])).eval().requires_grad_(False)
-    # The reward model scores every sample: next to the policy (a GPU when there is one).
-    reward_model = load_model(inputs["reward_model"], kind="reward").eval().requires_grad_(False)
-    reward_model.to(training_device())
-    prompts = read_dataset(inputs["prompts"], "prompt", "train")
-    if not prompts:
-        raise DataError(f"{inputs['prompts']}: no training prompts")
-    records = eval_records(config.eval, inputs, ("prompts", "prompt"))
+    rl = load_rl_setup(inputs, config)  # the reference moves to the training device when reference_logps runs
+    policy, tokenizer, records = rl.policy, rl.tokenizer, rl.eval_records
     log_gold_eval(policy, tokenizer, records, config.eval, ctx, "_before")
     trainer = Trainer(
         policy,
@@ -231,7 +222,7 @@ def run(config: OnlineDPOConfig, inputs: dict[str, str], ctx: StageContext) -> d
         checkpoint_meta={"stage": "online_dpo"},
         wrap_optimizer=online_merging_wrapper(config, policy, inputs.get("base"), config.seed),
     )
-    episodes = Episodes(policy, reference, reward_model, tokenizer, prompts, config, ctx)
+    episodes = Episodes(policy, rl.reference, rl.reward_model, tokenizer, rl.prompts, config, ctx)
     tc = config.train
     trainer.fit(EpisodeBatches(episodes.build, episodes.steps, tc.batch_size, tc.grad_accum, pair_batch))
     log_gold_eval(policy, tokenizer, records, config.eval, ctx)

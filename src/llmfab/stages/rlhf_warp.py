@@ -17,19 +17,17 @@ import random
 
 from pydantic import Field, model_validator
 
-from llmfab.data.io import read_dataset
-from llmfab.errors import DataError
-from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
+from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval
 from llmfab.losses.rl import masked_entropy, reinforce_loss
-from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.models import load_model, save_model
 from llmfab.models.merge import ema_update, liti, slerp_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.storage.checkpoint import is_checkpoint
 from llmfab.train.config import TrainConfig
+from llmfab.train.rl_setup import RLSetup, load_rl_setup
 from llmfab.train.rollouts import (
     EpisodeBatches,
     RolloutConfig,
-    heldout_records,
     like_training,
     measure_policy,
     response_logps,
@@ -80,7 +78,7 @@ def _train_run(policy, reward_model, tokenizer, prompts, config: WARPConfig, ctx
     ema = copy.deepcopy(policy).eval().requires_grad_(False)
     trainer = Trainer(policy, config.train, ctx, reinforce_loss_fn(config.temperature), tokenizer=tokenizer,
                       checkpoint_meta={"stage": "rlhf_warp"}, extra_state=ema)  # fmt: skip
-    ema.to(trainer.device), reward_model.to(trainer.device)  # next to the policy (a GPU when there is one)
+    ema.to(trainer.device)  # next to the policy (a GPU when there is one), as the reward model already is
     scoring = like_training(config.train)
 
     def build(episode: int):
@@ -139,14 +137,8 @@ def plot_sweep(curve: list[dict], runs: list[dict]):
 )
 def run(config: WARPConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """M REINFORCE runs with EMA anchors, SLERP of their task vectors, LITI towards the init; iterated."""
-    tokenizer = load_tokenizer(inputs["model"])
-    policy = load_model(inputs["model"])
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the input model: KL of the sweep
-    reward_model = load_model(inputs["reward_model"], kind="reward").eval().requires_grad_(False)
-    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
-    if not prompts:
-        raise DataError(f"{inputs['prompts']}: no training prompts")
-    records = eval_records(config.eval, inputs, ("prompts", "prompt"))
+    rl = load_rl_setup(inputs, config, reference_is_policy_copy=True)  # the input model: KL of the sweep
+    policy, tokenizer, records = rl.policy, rl.tokenizer, rl.eval_records
     log_gold_eval(policy, tokenizer, records, config.eval, ctx, "_before")
 
     init = {k: v.clone() for k, v in policy.state_dict().items()}
@@ -159,12 +151,12 @@ def run(config: WARPConfig, inputs: dict[str, str], ctx: StageContext) -> dict[s
         for m in range(config.runs):
             policy.load_state_dict(init)
             seed = config.seed * 1000 + i * config.runs + m
-            _train_run(policy, reward_model, tokenizer, prompts, config, ctx.child(f"iter{i}_run{m}"), seed)
+            _train_run(policy, rl.reward_model, tokenizer, rl.prompts, config, ctx.child(f"iter{i}_run{m}"), seed)
             runs.append({k: v.detach().cpu().clone() for k, v in policy.state_dict().items()})  # merged on CPU
         merged = slerp_state_dicts(init, runs)
         last = i == config.iterations - 1
-        if last and config.heldout_prompts:
-            _sweep(policy, reference, reward_model, tokenizer, inputs, init, merged, runs, config, ctx)
+        if last and rl.held_out:
+            _sweep(rl, init, merged, runs, config, ctx)
         init = liti(init, merged, config.eta)
         policy.load_state_dict(init)
         save_model(policy, tokenizer, done, {"stage": "rlhf_warp", "iteration": i})
@@ -173,14 +165,15 @@ def run(config: WARPConfig, inputs: dict[str, str], ctx: StageContext) -> dict[s
     return {"model": save_model(policy, tokenizer, ctx.output("model"), {"stage": "rlhf_warp", **ctx.metrics})}
 
 
-def _sweep(policy, reference, reward_model, tokenizer, inputs, init, merged, runs, config: WARPConfig, ctx) -> None:
-    """Measure the LITI line (η sweep) and the individual runs; log a table, a plot and the frontier gaps."""
-    held_out, scoring = heldout_records(inputs, config), like_training(config.train)
+def _sweep(rl: RLSetup, init, merged, runs, config: WARPConfig, ctx) -> None:
+    """Measure the LITI line (η sweep) and the individual runs on the held-out prompts (loading each state into
+    the policy); log a table, a plot and the frontier gaps."""
+    policy, scoring = rl.policy, like_training(config.train)
 
     def measure(state):
         policy.load_state_dict(state)
         seed = config.seed * 7 + 1
-        return measure_policy(policy, reference, reward_model, tokenizer, held_out, config, seed, **scoring)
+        return measure_policy(policy, rl.reference, rl.reward_model, rl.tokenizer, rl.held_out, config, seed, **scoring)
 
     curve = [{"point": f"eta={eta:g}", "eta": eta, **measure(liti(init, merged, eta))} for eta in config.sweep]
     members = [{"point": f"run{m}", "eta": None, **measure(state)} for m, state in enumerate(runs)]
