@@ -97,9 +97,9 @@ def _record_load_devices(monkeypatch, loads_in, device_in) -> list:
 
 @pytest.mark.parametrize("mode", ["logits", "on_policy"])
 def test_sft_distills_from_a_teacher(testbed, models, tmp_path, mode, monkeypatch):
-    import llmfab.stages.sft as sft_stage
+    import llmfab.train.sft as sft_training
 
-    asked = _record_load_devices(monkeypatch, sft_stage, sft_stage)
+    asked = _record_load_devices(monkeypatch, sft_training, sft_training)
     cfg = {
         "distill": mode,
         "max_new_tokens": 8,

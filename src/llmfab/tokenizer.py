@@ -1,5 +1,8 @@
 """Tokenizers: byte-level BPE trained locally with `tokenizers`, or an existing one adopted, with a
-family's special tokens and chat template.
+family's special tokens and chat template; and loading a checkpoint's tokenizer.
+
+models/ builds on this module (special-token ids, loading), never the other way round, and it imports no torch:
+data/chat.py and the tokenizer stage import it.
 
 Every template marks assistant content plus its turn terminator with {% generation %} so that
 data/chat.py gets exact loss masks; the terminators are those `chat.stop_token_ids` knows.
@@ -10,6 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from llmfab.checkpoint_refs import loadable_folder
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +180,18 @@ def _has_token(tokenizer, token: str) -> bool:
     return isinstance(token_id, int) and (tokenizer.unk_token_id is None or token_id != tokenizer.unk_token_id)
 
 
+def load_tokenizer(ref: str | Path):
+    """A tokenizer from a hub id, a local folder or an object-store URI (a checkpoint's own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(loadable_folder(ref), trust_remote_code=False)
+
+
 def adopt_tokenizer(ref: str, chat_format_name: str | None = None, model_max_length: int | None = None):
     """An existing tokenizer (hub id, folder or store URI). With `chat_format_name` its template is
     replaced by ours (exact assistant masks) and missing turn tokens are added; a missing pad
     token is added too. Added tokens grow the vocabulary: models are resized to it on load
     (models.embeddings.match_vocab)."""
-    from llmfab.models.checkpoints import load_tokenizer
-
     tokenizer = load_tokenizer(ref)
     before = len(tokenizer)
     fmt = chat_format(chat_format_name) if chat_format_name else None
@@ -203,7 +214,7 @@ def adopt_tokenizer(ref: str, chat_format_name: str | None = None, model_max_len
 
 
 def special_token_ids(tokenizer) -> dict:
-    """pad/eos/bos ids to put into a model config built for this tokenizer."""
+    """pad/eos/bos ids to put into a model config built for this tokenizer (models/ takes them from here)."""
     return {
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from llmfab.config.model import ModelConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from llmfab.models.checkpoints import load_model
+from llmfab.models.dtypes import DTYPES
 
 
 def _rope(cfg: ModelConfig) -> dict:
@@ -58,8 +58,6 @@ def build_hf_config(cfg: ModelConfig, **special_tokens):
 def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu", **special_tokens):
     """A randomly initialised model (seeded), or the pretrained one `cfg.pretrained` names."""
     if cfg.pretrained:
-        from llmfab.models.checkpoints import load_model
-
         return load_model(cfg.pretrained, dtype=cfg.dtype, device=device)
     from transformers import AutoModelForCausalLM
 
@@ -72,56 +70,3 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
     return sum(p.numel() for p in params.values())
-
-
-def check_same_tokens(folder: str, tokenizer, ref: str) -> None:
-    """A checkpoint that carries its tokenizer trains on only with that one, or one that extends it (e.g. an adopted
-    tokenizer with added turn tokens): every token the model learned must keep its id. Raises ConfigError."""
-    from pathlib import Path
-
-    from llmfab.errors import ConfigError
-
-    if not (Path(folder) / "tokenizer.json").is_file():
-        return  # a bare model (e.g. a hub id's weights): nothing to compare with
-    from llmfab.models.checkpoints import load_tokenizer
-
-    own = load_tokenizer(folder).get_vocab()
-    given = tokenizer.get_vocab()
-    moved = sorted((i, t) for t, i in own.items() if given.get(t) != i)
-    if moved:
-        i, token = moved[0]
-        raise ConfigError(
-            f"tokenizer does not match model {ref}: {len(moved)} of its {len(own)} tokens have another id or are "
-            f"missing (e.g. {token!r}: id {i} in the model's tokenizer, {given.get(token)} in the one given); "
-            "give the tokenizer the model was trained with, or one that extends it"
-        )
-
-
-def init_model(cfg: ModelConfig | None, init_ref: str | None, tokenizer, *, seed: int = 0):
-    """The model a training stage starts from: the `init` checkpoint if given, else `cfg` built
-    from scratch with its vocab_size grown to the tokenizer's length when that is larger (never shrunk:
-    rows beyond the tokenizer are kept, as hub checkpoints pad theirs), and the tokenizer's special-token
-    ids. A loaded model whose embeddings are smaller than the tokenizer is resized to it."""
-    import logging
-
-    from llmfab.errors import ConfigError
-    from llmfab.models.embeddings import match_vocab
-
-    if init_ref:
-        from llmfab.models.checkpoints import load_model, resolve_ref
-
-        folder = resolve_ref(init_ref)
-        check_same_tokens(folder, tokenizer, init_ref)
-        model = load_model(folder, dtype=cfg.dtype if cfg else "float32")
-        match_vocab(model, tokenizer)
-        return model
-    if cfg is None:
-        raise ConfigError("model: required when the stage has no `init` checkpoint input")
-    if cfg.pretrained is None and cfg.vocab_size < len(tokenizer):
-        logging.getLogger(__name__).info("model.vocab_size %d -> %d (the tokenizer's)", cfg.vocab_size, len(tokenizer))
-        cfg = cfg.model_copy(update={"vocab_size": len(tokenizer)})
-    from llmfab.tokenizer import special_token_ids
-
-    model = build_model(cfg, seed=seed, **special_token_ids(tokenizer))
-    match_vocab(model, tokenizer)  # a pretrained model may predate tokens the tokenizer stage added
-    return model

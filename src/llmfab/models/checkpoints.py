@@ -1,4 +1,4 @@
-"""Load models and tokenizers from a hub id, a local folder or an object-store URI; save them as
+"""Load models from a hub id, a local folder or an object-store URI; save them (with their tokenizer) as
 atomic checkpoints (HF format files + manifest)."""
 
 from __future__ import annotations
@@ -6,42 +6,19 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from llmfab.checkpoint_refs import ADAPTER_CONFIG, loadable_folder
+from llmfab.checkpoint_refs import resolve_ref as resolve_ref  # re-exported: callers resolve refs from here
 from llmfab.errors import CheckpointError
+from llmfab.models.dtypes import DTYPES
+from llmfab.models.palettize import is_palettized, load_palettized
 from llmfab.storage import ObjectStore
-from llmfab.storage.checkpoint import MANIFEST, fetch_checkpoint, write_checkpoint
+from llmfab.storage.checkpoint import write_checkpoint
+from llmfab.train.distributed import barrier, is_main_process
 
-ADAPTER_CONFIG = "adapter_config.json"  # peft's: a LoRA adapter saved beside (or instead of) the weights
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Weights load from safetensors only (no pickle), and a checkpoint's own Python code never runs: transformers would
 # otherwise load a pytorch_model.bin, or ask on stdin whether to run a config's `auto_map` code.
 SAFE_LOADING = {"trust_remote_code": False, "use_safetensors": True}
-HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", ADAPTER_CONFIG)
-
-
-def resolve_ref(ref: str | Path) -> str:
-    """A local folder for a store URI or local checkpoint (verified); a hub id is returned as is
-    (transformers resolves it under HF_HOME)."""
-    text = str(ref)
-    if text.startswith(("s3://", "file://")):
-        return str(fetch_checkpoint(text))
-    path = Path(text).expanduser()
-    if path.exists():
-        if (path / MANIFEST).is_file():
-            return str(fetch_checkpoint(path))
-        return str(path)
-    return text
-
-
-def _loadable(ref: str | Path) -> str:
-    """resolve_ref, refusing a local folder that holds neither a checkpoint nor a Hugging Face model or tokenizer
-    (e.g. a dataset given as a model) with a message naming it, instead of transformers' guesswork."""
-    folder = resolve_ref(ref)
-    path = Path(folder)
-    if path.is_dir() and not any((path / name).is_file() for name in HF_FILES):
-        raise CheckpointError(
-            f"{ref}: neither a checkpoint ({MANIFEST}) nor a Hugging Face folder ({', '.join(HF_FILES)})"
-        )
-    return folder
 
 
 def load_model(
@@ -55,10 +32,7 @@ def load_model(
     """
     import transformers
 
-    from llmfab.models.architectures import DTYPES
-    from llmfab.models.palettize import is_palettized, load_palettized
-
-    folder = _loadable(ref)
+    folder = loadable_folder(ref)
     if (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{ref}: an adapter loads from {ADAPTER_WEIGHTS} only (pickled .bin files are not)")
     if kind == "causal_lm":
@@ -91,18 +65,10 @@ def _with_adapter(model, folder: str, merge: bool):
     return peft_model.merge_and_unload() if merge else peft_model
 
 
-def load_tokenizer(ref: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(_loadable(ref), trust_remote_code=False)
-
-
 def save_model(model, tokenizer, store: ObjectStore, meta: dict | None = None) -> str:
     """Write model (safetensors) and tokenizer as one atomic checkpoint at `store`; returns its URI.
 
     Under torchrun every rank holds the same weights: rank 0 writes while the others wait for it."""
-    from llmfab.train.distributed import barrier, is_main_process
-
     if not is_main_process():
         barrier()
         return store.uri

@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from llmfab.tokenizer import special_token_ids
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +42,6 @@ def match_vocab(model, tokenizer) -> bool:
     tokenizer's pad/eos/bos ids where the model's config has none. A model with more rows than
     tokens (hub checkpoints pad their matrices, e.g. Qwen2's 151936 rows for 151646 tokens) is left
     as it is, so its shapes stay those of the released weights. Returns whether it was resized."""
-    from llmfab.tokenizer import special_token_ids
-
     rows = model.get_input_embeddings().weight.shape[0]
     resized = len(tokenizer) > rows
     if resized:

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from llmfab.config.base import StrictModel
 from llmfab.errors import CheckpointError, ConfigError
 from llmfab.storage import ObjectStore
-from llmfab.storage.checkpoint import write_checkpoint
+from llmfab.storage.checkpoint import MANIFEST, write_checkpoint
 
 FORMAT = "llmfab-palettized/1"
 MANIFEST_FILE = "palettization.json"
@@ -413,8 +413,6 @@ def load_palettized(folder: str | Path, dtype: torch.dtype = torch.float32):
 
 def copy_palettized_files(src: str | Path, dest: str | Path) -> None:
     """Copy a palettized checkpoint's files (not its store manifest or any adapter) into `dest`."""
-    from llmfab.storage.checkpoint import MANIFEST
-
     src, dest = Path(src), Path(dest)
     for path in src.rglob("*"):
         rel = path.relative_to(src).as_posix()

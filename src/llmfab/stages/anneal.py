@@ -7,9 +7,9 @@ from pydantic import Field, model_validator
 
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.merge import average_state_dicts
-from llmfab.stages.base import StageContext, stage
-from llmfab.stages.pretrain import PretrainConfig, packed_corpus, train_causal_lm
+from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.storage.checkpoint import fetch_checkpoint, list_step_checkpoints
+from llmfab.train.causal_lm import CausalLMConfig, packed_corpus, train_causal_lm
 from llmfab.train.config import OptimConfig, TrainConfig
 from llmfab.train.trainer import load_weights
 
@@ -18,7 +18,7 @@ def _anneal_train() -> TrainConfig:
     return TrainConfig(optim=OptimConfig(schedule="linear", warmup_steps=0, lr=3e-4))
 
 
-class AnnealConfig(PretrainConfig):
+class AnnealConfig(CausalLMConfig, StageConfig):  # pretrain's fields, seed first (see PretrainConfig)
     train: TrainConfig = Field(default_factory=_anneal_train)
     average_last: int = Field(3, ge=1, description="checkpoints (evenly spaced, ending at the last step) averaged")
 
@@ -58,7 +58,7 @@ def run(config: AnnealConfig, inputs: dict[str, str], ctx: StageContext) -> dict
     every = config.train.max_steps // config.average_last
     train = config.train.model_copy(update={"checkpoint_every": every, "keep_checkpoints": config.average_last})
     cfg = config.model_copy(update={"train": train})
-    data = packed_corpus(cfg, inputs["corpus"], tokenizer)
+    data = packed_corpus(cfg, inputs["corpus"], tokenizer, config.seed)
     trainer = train_causal_lm(cfg, ctx, model, tokenizer, data, meta={"stage": "anneal"})
     found = list_step_checkpoints(trainer.ckpt_store)[-config.average_last :]
     states = []

@@ -10,14 +10,14 @@ from pydantic import Field, model_validator
 from llmfab.errors import ConfigError
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd
 from llmfab.models import init_model, load_model, load_tokenizer, save_model
-from llmfab.stages.base import StageContext, stage
-from llmfab.stages.pretrain import PretrainConfig, packed_corpus, train_causal_lm
+from llmfab.stages.base import StageConfig, StageContext, stage
+from llmfab.train.causal_lm import CausalLMConfig, packed_corpus, train_causal_lm
 from llmfab.train.distributed import training_device
 from llmfab.train.lm import target_tokens, token_nll_sum
 from llmfab.train.trainer import SummedLoss
 
 
-class DistillConfig(PretrainConfig):
+class DistillConfig(CausalLMConfig, StageConfig):  # pretrain's fields, seed first (see PretrainConfig)
     """Student pretraining on a teacher's next-token distribution."""
 
     loss: Literal["kl", "afm_top1"] = Field(
@@ -90,7 +90,7 @@ def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dic
             "teacher_to_student": round(n_teacher / n_student, 2),
         }
     )
-    data = packed_corpus(config, inputs["corpus"], tokenizer)
+    data = packed_corpus(config, inputs["corpus"], tokenizer, config.seed)
     ctx.log_metrics({"teacher_eval_loss": data.evaluate(teacher)["eval_loss"]})
     train_causal_lm(config, ctx, student, tokenizer, data, distillation_loss(teacher, config), {"stage": "distill"})
     return {"model": save_model(student, tokenizer, ctx.output("model"), {"stage": "distill", **ctx.metrics})}

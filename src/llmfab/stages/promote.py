@@ -15,8 +15,8 @@ from pydantic import Field, field_validator
 
 from llmfab.errors import LlmfabError
 from llmfab.registry.promotion import promote
+from llmfab.registry.registration import REGISTRATION_FILE, check_alias, tracked_run, write_registration
 from llmfab.stages.base import StageConfig, StageContext, stage
-from llmfab.stages.register import REGISTRATION_FILE, check_alias, tracked_run, write_registration
 from llmfab.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def run(config: PromoteConfig, inputs: dict, ctx: StageContext) -> dict[str, str
             f"promote: {reg['name']} v{reg['version']}: register decided {reg['decision']!r} "
             f"({'; '.join(reg.get('reasons', []))}); run promote only on 'promote', or set force: true"
         )
-    with tracked_run(ctx) as run:
+    with tracked_run(ctx.run, ctx.step_id, ctx.parent_run_id) as run:
         client = run.client
         result = promote(
             client,
@@ -83,4 +83,4 @@ def run(config: PromoteConfig, inputs: dict, ctx: StageContext) -> dict[str, str
         "aliases": aliases,
         "promotion": {**result.to_dict(), "forced": config.force},
     }
-    return {"registration": write_registration(ctx, updated)}
+    return {"registration": write_registration(ctx.output("registration"), updated)}

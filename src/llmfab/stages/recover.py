@@ -18,12 +18,12 @@ from llmfab.models import count_parameters, load_model, load_tokenizer
 from llmfab.models.checkpoints import ADAPTER_CONFIG, resolve_ref
 from llmfab.models.palettize import copy_palettized_files, is_palettized, weights_bytes
 from llmfab.stages.base import StageConfig, StageContext, stage
-from llmfab.stages.sft import sft_loss
 from llmfab.storage import ObjectStore
 from llmfab.storage.checkpoint import write_checkpoint
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import barrier, is_main_process, micro_batches_per_step
 from llmfab.train.lm import eval_lm_loss, step_batch
+from llmfab.train.sft import sft_loss
 from llmfab.train.sft_data import load_sft_rows
 from llmfab.train.trainer import Trainer
 

@@ -9,10 +9,8 @@ moves the champion alias itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -21,22 +19,14 @@ from llmfab.errors import ConfigError, LlmfabError
 from llmfab.registry.lineage import collect_lineage, lineage_tags
 from llmfab.registry.promotion import RULES_TAG, GateRule, evaluate_gate, record_gate, set_alias
 from llmfab.registry.register import metric_tags, register_checkpoint
+from llmfab.registry.registration import check_alias, tracked_run, write_registration
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.storage import open_store
 from llmfab.storage.checkpoint import read_manifest
 
 log = logging.getLogger(__name__)
 
-REGISTRATION_FILE = "registration.json"
 REPORT_FILES = ("evaluation.json", "report.json", "metrics.json")
-_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-
-
-def check_alias(value: str) -> str:
-    # MLflow reserves `latest` and version-like aliases (v3) for its own resolution.
-    if not _ALIAS.match(value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
-        raise ValueError(f"{value!r} is not a usable alias (letters, digits, _ and -; not 'latest' or v<N>)")
-    return value
 
 
 class RegisterConfig(StageConfig):
@@ -111,24 +101,6 @@ def read_report(uri: str) -> tuple[dict[str, float], str | None]:
     return metrics, about if isinstance(about, str) else None
 
 
-@contextlib.contextmanager
-def tracked_run(ctx: StageContext):
-    """The stage's MLflow run; an untracked call (track=False) still needs one to hold the model's artifacts."""
-    if ctx.run is not None:
-        yield ctx.run
-        return
-    from llmfab.tracking import Tracker
-
-    with Tracker().run(ctx.step_id, parent_run_id=ctx.parent_run_id, tags={"llmfab.kind": "stage"}) as run:
-        yield run
-
-
-def write_registration(ctx: StageContext, data: dict) -> str:
-    out = ctx.output("registration")
-    out.put_text(REGISTRATION_FILE, json.dumps(data, indent=1, sort_keys=True))
-    return out.uri
-
-
 @stage(
     "register",
     RegisterConfig,
@@ -142,7 +114,7 @@ def run(config: RegisterConfig, inputs: dict, ctx: StageContext) -> dict[str, st
     from llmfab.tracking.mlflow_tracker import git_commit
 
     model_uri = inputs["model"]
-    with tracked_run(ctx) as run:
+    with tracked_run(ctx.run, ctx.step_id, ctx.parent_run_id) as run:
         client = run.client
         lineage = collect_lineage(client, model_uri, ctx.parent_run_id)
         name = config.name or (f"llmfab-{lineage.family}" if lineage.family else None)
@@ -217,4 +189,4 @@ def run(config: RegisterConfig, inputs: dict, ctx: StageContext) -> dict[str, st
         "gate": [r.model_dump() for r in config.gate],
         "metrics": metrics,
     }
-    return {"registration": write_registration(ctx, registration), "decision": verdict.decision}
+    return {"registration": write_registration(ctx.output("registration"), registration), "decision": verdict.decision}

@@ -16,10 +16,15 @@ from llmfab.errors import DataError
 from llmfab.evaluation.gold import score_gold
 from llmfab.generation import SamplingConfig
 from llmfab.models import load_model, load_tokenizer
-from llmfab.stages import sft as sft_stage
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.distributed import training_device
 from llmfab.train.pairs import reward_scores
+from llmfab.train.sft import FineTuneConfig, fine_tune
+
+
+# What the sft stage takes (its SFTConfig; stages do not import each other): the settings and a seed of their own.
+class KeptAnswersSFTConfig(FineTuneConfig, StageConfig):
+    pass
 
 
 class RejectionSamplingConfig(StageConfig, SamplingConfig):
@@ -28,7 +33,9 @@ class RejectionSamplingConfig(StageConfig, SamplingConfig):
         1.0, gt=0, le=1, description="keep only this fraction of prompts, those whose best answer scores highest"
     )
     held_out: float = Field(0.05, ge=0, lt=1, description="fraction of kept answers held out for SFT eval loss")
-    sft: sft_stage.SFTConfig = Field(default_factory=sft_stage.SFTConfig, description="fine-tuning on the kept answers")
+    sft: KeptAnswersSFTConfig = Field(
+        default_factory=KeptAnswersSFTConfig, description="fine-tuning on the kept answers"
+    )
 
 
 @stage(
@@ -112,5 +119,4 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     sft_inputs = {"model": inputs["model"], "data": data}
     if "eval_prompts" in inputs:
         sft_inputs["eval_prompts"] = inputs["eval_prompts"]
-    out = sft_stage.run(config.sft, sft_inputs, ctx)
-    return {"model": out["model"], "data": data}
+    return {"model": fine_tune(config.sft, sft_inputs, ctx, config.sft.seed), "data": data}

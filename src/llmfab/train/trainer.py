@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 
 from llmfab.errors import CheckpointError, LlmfabError
-from llmfab.stages.base import StageContext
 from llmfab.storage import ObjectStore
 from llmfab.storage.checkpoint import (
     delete_checkpoint,
@@ -49,6 +48,7 @@ from llmfab.storage.checkpoint import (
 )
 from llmfab.tracking import timing
 from llmfab.train.config import TrainConfig
+from llmfab.train.context import TrainingContext
 from llmfab.train.distributed import (
     all_reduce_sum,
     barrier,
@@ -138,7 +138,7 @@ class Trainer:
         self,
         model: torch.nn.Module,
         config: TrainConfig,
-        ctx: StageContext,
+        ctx: TrainingContext,
         loss_fn: LossFn | SummedLoss,
         *,
         tokenizer=None,
