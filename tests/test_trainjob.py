@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import typer
 import yaml
+from pydantic import Field
 from test_manifests import K8S_VERSIONS, crd_validator
 from typer.testing import CliRunner
 
@@ -485,6 +486,87 @@ def test_cli_launch_dry_run_prints_a_valid_trainjob():
 
     refused = CliRunner().invoke(app, [*args, "--env", "AWS_SECRET_ACCESS_KEY=x"])
     assert refused.exit_code == 2 and "credentials are never passed as values" in refused.output
+
+
+def _launch_options() -> dict:
+    return {p.opts[0]: p for p in typer.main.get_command(app).commands["launch"].params}
+
+
+def test_cli_launch_options_are_the_launch_config_fields():
+    """Each LaunchConfig field is an option of `llmfab launch` with the field's description as help, but the
+    cluster's Secret and GPU resource names. Pinned: the command line is an interface."""
+    options = _launch_options()
+    assert list(options) == [
+        "name", "--config", "--input", "--output", "--store", "--set",
+        "--namespace", "--name", "--nodes", "--procs-per-node", "--gpus", "--cpu", "--memory", "--runtime", "--image",
+        "--registry", "--tag", "--tracking-uri", "--experiment", "--parent-run-id", "--env", "--label", "--timeout",
+        "--poll", "--cleanup", "--attach",
+        "--dry-run",
+    ]  # fmt: skip
+    short = {"num_nodes": "nodes", "gpus_per_node": "gpus", "labels": "label", "timeout_s": "timeout", "poll_s": "poll"}
+    for field, info in LaunchConfig.model_fields.items():
+        flag = "--" + short.get(field, field).replace("_", "-")
+        if field in ("gpu_resource", "s3_secret", "mlflow_secret"):
+            assert flag not in options
+        else:
+            assert options[flag].help == info.description, field
+    defaults = {flag: options[flag].default for flag in ("--nodes", "--poll", "--cleanup")}
+    assert defaults == {"--nodes": 1, "--poll": 15.0, "--cleanup": "on_success"}
+    assert options["--timeout"].default is None  # not given: LaunchConfig's own 72 h
+    assert options["--attach"].secondary_opts == ["--no-attach"]
+    assert options["--env"].multiple and options["--label"].multiple
+
+
+def test_a_new_launch_config_field_is_a_new_option():
+    from llmfab.cli import _model_options
+
+    class Wider(LaunchConfig):
+        priority_class: str | None = Field(None, description="PriorityClass of the pods")
+        annotations: dict[str, str] = Field(default_factory=dict, description="More annotations, KEY=VALUE")
+
+    given = {}
+    command = typer.Typer()
+
+    @command.command()
+    @_model_options(Wider, into="options", before="dry_run", flags={"num_nodes": "--nodes"}, skip={"s3_secret"})
+    def go(name: str, dry_run: bool = False, options=dict) -> None:
+        given.update(options(), stage=name, dry_run=dry_run)
+
+    help_text = CliRunner().invoke(command, ["--help"], env={"COLUMNS": "200"}).output
+    assert "--priority-class" in help_text and "PriorityClass of the pods" in help_text
+    assert "--nodes" in help_text and "--s3-secret" not in help_text
+    args = ["pretrain", "--priority-class", "high", "--annotations", "a=b", "--name", "job-1", "--dry-run"]
+    assert CliRunner().invoke(command, args).exit_code == 0
+    assert {k: given[k] for k in ("stage", "name", "priority_class", "annotations", "dry_run", "num_nodes")} == {
+        "stage": "pretrain", "name": "job-1", "priority_class": "high", "annotations": {"a": "b"}, "dry_run": True,
+        "num_nodes": 1,
+    }  # fmt: skip
+    assert "timeout_s" not in given  # may be None, so not given: the model's default applies
+    settings = Wider.model_validate({k: v for k, v in given.items() if k not in ("stage", "dry_run")})
+    assert settings.timeout_s == 72 * 3600 and settings.annotations == {"a": "b"}
+    with pytest.raises(TypeError, match="no field"):
+        _model_options(Wider, into="options", before="dry_run", flags={"nodes": "--n"}, skip=set())
+
+
+def test_names_stay_importable_from_trainjob():
+    """The module was split by concern; what other code imports from llmfab.kube.trainjob is the same object."""
+    import llmfab.kube
+    from llmfab.kube import api, errors, launch_config, manifest, pod_env, stage_command, status, trainjob
+
+    homes = {
+        launch_config: ["LaunchConfig"],
+        errors: ["LaunchError", "TrainJobFailed", "TrainJobTimeout"],
+        manifest: ["render_trainjob", "trainjob_name", "default_namespace", "TRAINER_IMAGE_GROUP", "GROUP"],
+        pod_env: ["S3_SECRET", "MLFLOW_SECRET", "S3_KEYS", "MLFLOW_KEYS", "CREDENTIAL_NAME", "PARENT_RUN_ENV"],
+        stage_command: ["RESULT_FILE", "config_overrides"],
+        status: ["StatusChange", "describe_status", "trainjob_phase", "COMPLETE"],
+        api: ["submit_trainjob", "wait_for_trainjob", "delete_trainjob", "kube_client"],
+    }
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(trainjob, name) is getattr(module, name), name
+    assert all(hasattr(trainjob, name) for name in trainjob.__all__)
+    assert all(getattr(llmfab.kube, name) is getattr(trainjob, name) for name in llmfab.kube.__all__)
 
 
 def _use_kubeconfig(api, tmp_path, monkeypatch) -> None:
