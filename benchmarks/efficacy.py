@@ -100,19 +100,19 @@ def prepare(root: str, scale: float) -> dict:
 def run_seed(family: str, seed: int, data: dict, root: str, scale: float) -> dict:
     """The family's recipe with `seed`, in this process, tracked in its own MLflow file under `root`."""
     from llmfab.errors import LlmfabError
-    from llmfab.recipe_runner import run_recipe
+    from llmfab.runs import InProcess
+    from llmfab.runs.plan import plan_recipe
 
     recipe = _recipe(family, seed, scale)
+    plan = plan_recipe(
+        recipe,
+        store_uri=str(Path(root) / "store"),
+        tracking_uri=f"sqlite:///{Path(root) / family}-{seed}.db",  # a file per run: runs go concurrently
+        experiment="llmfab-efficacy",
+        run_name=f"{family}-seed{seed}",
+    )
     try:
-        res = run_recipe(
-            recipe,
-            store_uri=str(Path(root) / "store"),
-            tracking_uri=f"sqlite:///{Path(root) / family}-{seed}.db",  # a file per run: runs go concurrently
-            experiment="llmfab-efficacy",
-            run_name=f"{family}-seed{seed}",
-            show_progress=False,
-            reuse={"data": data},
-        )
+        res = InProcess(reuse={"data": data}, show_progress=False).run(plan)
     except LlmfabError as exc:  # a stage refused to go on (e.g. no finished answer to learn from): a result too
         return {"seed": seed, "steps": {}, "failed": str(exc).splitlines()[0][:300]}
     stages = {name: step.stage for step in recipe.steps for name, _ in step.runs()}

@@ -6,7 +6,8 @@ gate is the held-out loss: a first champion, a better run (promoted) and a worse
 import pytest
 
 from llmfab.config.recipe import load_recipe
-from llmfab.recipe_runner import run_recipe
+from llmfab.runs import InProcess
+from llmfab.runs.plan import plan_recipe
 from llmfab.tracking import Tracker
 
 GATED_RECIPE = """
@@ -48,8 +49,8 @@ def test_a_later_run_is_promoted_only_when_it_beats_the_champion(tmp_path, track
         nonlocal first
         recipe = load_recipe(path, "tiny", [f"pre.seed={seed}", f"pre.train.max_steps={steps}"])
         reuse = {"data": first.steps["data"].outputs, "tokenizer": first.steps["tokenizer"].outputs} if first else None
-        result = run_recipe(recipe, store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri, run_name=name,
-                            show_progress=False, reuse=reuse)  # fmt: skip
+        plan = plan_recipe(recipe, store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri, run_name=name)
+        result = InProcess(reuse=reuse or {}, show_progress=False).run(plan)
         first = first or result
         return result, tracker.client.get_model_version_by_alias("gated", "candidate")  # what register just wrote
 

@@ -1,11 +1,14 @@
 """Recipe control flow: `parallel` steps (KFP ParallelFor + Collected) and `when` conditions (KFP If) on a stage's
 values, validated at load time and run the same way in process."""
 
+from pathlib import Path
+
 import pytest
 
 from llmfab.config.recipe import load_recipe, run_name_of, variant_name
 from llmfab.errors import ConfigError
-from llmfab.recipe_runner import run_recipe
+from llmfab.runs import InProcess, KfpLocal, plan_run
+from llmfab.runs.plan import plan_recipe
 from llmfab.stages.base import StageConfig, stage
 from llmfab.tracking import Tracker
 
@@ -114,7 +117,8 @@ def test_in_process_runner_runs_items_collects_outputs_and_skips_false_condition
         "  - {id: on_tails, stage: coin_for_tests, inputs: {model: avg.model}, when: c.side == tails}\n"
     )
     recipe = load_recipe(_recipe(tmp_path, steps))
-    result = run_recipe(recipe, store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri, show_progress=False)
+    plan = plan_recipe(recipe, store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri)
+    result = InProcess(show_progress=False).run(plan)
     seed_1 = "pre/seed-1_train.max_steps-3"
     assert list(result.steps) == ["data", "tokenizer", "pre/seed-0", seed_1, "avg", "c", "on_heads"]
     assert result.steps[seed_1].metrics["train_loss"] > 0
@@ -209,7 +213,8 @@ def test_round_counts_and_numbers_are_checked(tmp_path, preset, overrides, messa
 
 def test_in_process_runner_runs_the_rounds_in_order(tmp_path, tracking_uri):
     recipe = load_recipe(_recipe(tmp_path, ROUNDS, ROUNDS_PRESET))
-    result = run_recipe(recipe, store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri, show_progress=False)
+    plan = plan_recipe(recipe, store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri)
+    result = InProcess(show_progress=False).run(plan)
     assert list(result.steps)[4:] == ["avg", "round1/tune", "round1/c", "round2/tune", "round2/c", "final"]
     store = result.store_uri
     assert result.steps["round2/tune"].outputs["model"] == f"{store}/round2/tune/model"
@@ -315,12 +320,13 @@ presets:
 def test_rounds_run_under_kfp_local(tmp_path, tracking_uri):
     """`llmfab run` through kfp.local (~2 min): the round sub-pipeline runs twice, a ParallelFor + Collected inside
     it, round 2 starting from round 1's average, the step after the block reading round 2's by its URI."""
-    from llmfab.kubeflow.local import run_local
-
     path = tmp_path / "flow.yaml"
     path.write_text(KFP_ROUNDS)
-    recipe = load_recipe(path)
-    result = run_local(str(path), store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri, run_name="rounds")
+    plan = plan_run(str(path), store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri, run_name="rounds")
+    recipe = plan.recipe
+    result = KfpLocal().run(plan)
+    logs = {p.stem for p in Path(result.log_dir).glob("*.log")}  # kfp.local's output: a file per task
+    assert "open-run" in logs and len(logs) > len(recipe.steps), logs
     assert list(result.steps) == [name for s in recipe.steps for name, _ in s.runs()]
     assert all(s.status == "FINISHED" for s in result.steps.values())
     store = result.store_uri

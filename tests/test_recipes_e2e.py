@@ -10,8 +10,8 @@ ALIGNMENT_HOLDS are held to SFT's level)."""
 import pytest
 
 from llmfab.config.recipe import list_families, load_recipe
-from llmfab.kubeflow.local import run_local
 from llmfab.registry import generate_text, load_registered
+from llmfab.runs import KfpLocal, plan_run
 from llmfab.tracking import Tracker
 
 # Held to SFT's level (-0.02), not above it: Gemma 2's on-policy distillation and WARP optimise a teacher and a
@@ -24,7 +24,7 @@ ALIGNMENT_HOLDS = {"gemma2"}
 @pytest.mark.parametrize("family", list_families())
 def test_family_tiny_recipe_runs_end_to_end(family, tmp_path, tracking_uri):
     recipe = load_recipe(family, "tiny")
-    result = run_local(family, "tiny", store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri)
+    result = KfpLocal().run(plan_run(family, "tiny", store_uri=str(tmp_path / "store"), tracking_uri=tracking_uri))
     runs = [name for s in recipe.steps for name, _ in s.runs()]
     assert list(result.steps) == runs
     tracker = Tracker(tracking_uri)

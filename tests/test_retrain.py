@@ -16,6 +16,7 @@ from llmfab.errors import ConfigError, LlmfabError
 from llmfab.kubeflow.runtime import KFP_RUN_TAG
 from llmfab.registry import registry_client
 from llmfab.retrain import decide, registered_name, retrain
+from llmfab.runs import plan_run
 from llmfab.tracking import Tracker
 
 runner = CliRunner()
@@ -58,21 +59,21 @@ def test_recipe_data_uri_content_is_the_version(tmp_path):
 
 def test_decision_reasons(tracking_uri):
     client = registry_client(tracking_uri)
-    recipe = load_recipe("qwen2", "tiny")
-    current = data_fingerprint(recipe)
-    assert registered_name(recipe) == NAME
-    first = decide(client, recipe)
+    plan = plan_run("qwen2", "tiny")
+    current = data_fingerprint(plan.recipe)
+    assert registered_name(plan.recipe) == NAME and plan.data_fingerprint == current
+    first = decide(client, plan)
     assert first.retrain and first.reason == f"{NAME} has no champion"
     _champion(client, "0" * 64)
-    stale = decide(client, recipe)
+    stale = decide(client, plan)
     assert stale.retrain and stale.reason.startswith("new data version (000000000000 -> ")
     version = _champion(client, current)
-    fresh = decide(client, recipe, max_age_days=7)
+    fresh = decide(client, plan, max_age_days=7)
     assert not fresh.retrain and fresh.reason.startswith(f"champion v{version} is current")
     later = time.time() + 8 * 86400
-    assert decide(client, recipe, max_age_days=7, now=later).reason.startswith("schedule: champion is 8.0 days old")
-    assert not decide(client, recipe, now=later).retrain  # no max age: no schedule
-    assert decide(client, recipe, force=True).reason == "forced"
+    assert decide(client, plan, max_age_days=7, now=later).reason.startswith("schedule: champion is 8.0 days old")
+    assert not decide(client, plan, now=later).retrain  # no max age: no schedule
+    assert decide(client, plan, force=True).reason == "forced"
 
 
 def test_recipe_without_register_step_cannot_be_retrained(tmp_path, tracking_uri):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmfab.errors import LlmfabError
+from llmfab.kube.launch_config import LaunchConfig
 
 app = typer.Typer(
     name="llmfab",
@@ -51,14 +54,26 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+class VERBOSE:  # the -v flag, for commands that print less without it
+    on = False
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress details; `run`: stream every task's output.")
+    ] = False,
+) -> None:
+    VERBOSE.on = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not verbose:  # MLflow logs its database set-up at INFO on its own handler (set when it is imported)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 RUNNERS = ("kfp-local", "inprocess")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours its messages
 
 
 @app.command()
@@ -82,47 +97,28 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Run a family's pipeline end to end, tracked in MLflow (a nested run per step), checkpoints in the store."""
-    from llmfab.config.recipe import load_recipe
+    from llmfab.runs import InProcess, KfpLocal, plan_run
+    from llmfab.runs.console import RunConsole
 
+    out = RunConsole()
     try:
         if runner not in RUNNERS:
             raise LlmfabError(f"--runner {runner!r}: expected one of {', '.join(RUNNERS)}")
         if only and runner != "inprocess":
             raise LlmfabError("--only needs --runner inprocess (a Kubeflow pipeline runs all its steps)")
-        if runner == "kfp-local":
-            from llmfab.kubeflow.local import run_local
-
-            result = run_local(
-                family,
-                preset,
-                overrides=set_ or [],
-                store_uri=store,
-                tracking_uri=tracking_uri,
-                experiment=experiment,
-                run_name=run_name,
-            )
-            rows = [(s.step_id, s.seconds, s.outputs) for s in result.steps.values()]
-            title = f"{result.run_name} (MLflow run {result.run_id}, kfp.local, {result.seconds:.0f} s)"
-        else:
-            from llmfab.recipe_runner import run_recipe
-
-            recipe = load_recipe(family, preset, set_ or [])
-            result = run_recipe(
-                recipe, store_uri=store, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, only=only
-            )
-            rows = [(step_id, res.seconds, res.outputs) for step_id, res in result.steps.items()]
-            title = f"{result.run_name} (MLflow run {result.run_id})"
+        plan = plan_run(family, preset, set_, store_uri=store, tracking_uri=tracking_uri, experiment=experiment,
+                        run_name=run_name)  # fmt: skip
+        executor = KfpLocal(verbose=VERBOSE.on) if runner == "kfp-local" else InProcess(only=only)
+        out.start(plan, executor.name)
+        callbacks = out.callbacks() if runner == "kfp-local" else {"on_step": out.on_step}
+        result = executor.run(plan, **callbacks)
     except LlmfabError as exc:
+        out.stop()
         _fail(exc)
-    except RuntimeError as exc:  # kfp.local: a task failed (its log is above)
-        _fail(LlmfabError(f"pipeline failed: {exc}"))
-    table = Table(title=title)
-    table.add_column("step")
-    table.add_column("seconds", justify="right")
-    table.add_column("outputs", overflow="fold")
-    for step_id, seconds, outputs in rows:
-        table.add_row(step_id, f"{seconds:.1f}", "\n".join(f"{k}: {v}" for k, v in outputs.items()))
-    Console().print(table)
+    except RuntimeError as exc:  # kfp.local: a task failed (its log's tail is above)
+        out.stop()
+        _fail(LlmfabError(f"pipeline failed: {ANSI.sub('', str(exc))}"))
+    out.summary(plan, result)
 
 
 def _config_data(config: Path | None, set_: list[str] | None) -> dict:
@@ -212,7 +208,86 @@ def stage(
         typer.echo(payload)
 
 
+def _model_options(model, *, into: str, before: str, flags: dict[str, str], skip: set[str]):
+    """Decorator: the command also takes an option per field of the pydantic `model` (but `skip`), placed before
+    its parameter `before`; its parameter `into` gets a function that returns the options given, {field: value}.
+
+    An option is `--FIELD-NAME` (or `flags[FIELD]`) with the field's description as help and the field's default.
+    A field that may be None defaults to None, "not given", so that the model's own default applies (which the
+    description states); a dict[str, str] field is a repeatable KEY=VALUE option; a Literal is text the model
+    checks."""
+    import functools
+    import inspect
+    import typing
+
+    unknown = (set(flags) | skip) - set(model.model_fields)
+    if unknown:
+        raise TypeError(f"{model.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    is_dict = {field: typing.get_origin(info.annotation) is dict for field, info in model.model_fields.items()}
+
+    def parameter(name: str, field: str, flag: str) -> inspect.Parameter:
+        info = model.model_fields[field]
+        annotation = info.annotation
+        default = inspect.Parameter.empty if info.is_required() else info.get_default(call_default_factory=True)
+        if is_dict[field]:
+            annotation, default = list[str] | None, None
+        elif typing.get_origin(annotation) is typing.Literal:
+            annotation = str
+        elif type(None) in typing.get_args(annotation):
+            default = None
+        if annotation is bool:
+            flag = f"{flag}/--no-{flag.removeprefix('--')}"
+        option = Annotated[annotation, typer.Option(flag, help=info.description)]
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        # Keyword-only, as typer passes them: the options can go between parameters with and without defaults.
+        own = [p.replace(kind=p.KEYWORD_ONLY) for p in signature.parameters.values() if p.name != into]
+        fields = {}  # parameter name -> (field, flag)
+        for field in model.model_fields:
+            if field not in skip:
+                name = f"{field}_" if field in signature.parameters else field  # launch's --name vs its stage name
+                fields[name] = (field, flags.get(field, "--" + field.replace("_", "-")))
+        options = [parameter(name, field, flag) for name, (field, flag) in fields.items()]
+
+        @functools.wraps(command)
+        def with_options(**kwargs):
+            given = {field: (flag, kwargs.pop(name)) for name, (field, flag) in fields.items()}
+
+            def values() -> dict:
+                # Called by the command, so that a bad KEY=VALUE is reported where its other errors are.
+                return {
+                    field: _pairs(value, flag) if is_dict[field] else value
+                    for field, (flag, value) in given.items()
+                    if value is not None
+                }
+
+            return command(**kwargs, **{into: values})
+
+        at = [p.name for p in own].index(before)
+        with_options.__signature__ = signature.replace(parameters=[*own[:at], *options, *own[at:]])
+        return with_options
+
+    return decorate
+
+
+# LaunchConfig's fields are launch's options: a new field is a new option. Some are spelled shorter here; the
+# Secrets' names and the GPU resource name are the cluster's, left to Python and pipelines.
 @app.command()
+@_model_options(
+    LaunchConfig,
+    into="launch_options",
+    before="dry_run",
+    flags={
+        "num_nodes": "--nodes",
+        "gpus_per_node": "--gpus",
+        "labels": "--label",
+        "timeout_s": "--timeout",
+        "poll_s": "--poll",
+    },
+    skip={"gpu_resource", "s3_secret", "mlflow_secret"},
+)
 def launch(
     name: Annotated[str, typer.Argument(help="Training stage name (see `llmfab stages`)")],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML")] = None,
@@ -222,72 +297,20 @@ def launch(
     ] = None,
     store: StoreOpt = None,
     set_: SetOpt = None,
-    nodes: Annotated[int, typer.Option(help="Training nodes (pods)")] = 1,
-    procs_per_node: Annotated[
-        int | None, typer.Option(help="Ranks per node [default: the runtime's auto: one per GPU]")
-    ] = None,
-    gpus: Annotated[int | None, typer.Option(help="GPUs per node (needs --cpu and --memory)")] = None,
-    cpu: Annotated[str | None, typer.Option(help="CPU per node, e.g. 16 [default: the runtime's]")] = None,
-    memory: Annotated[str | None, typer.Option(help="Memory per node, e.g. 64Gi [default: the runtime's]")] = None,
-    namespace: Annotated[str | None, typer.Option(help="Namespace [default: this pod's, else kubeflow]")] = None,
-    job_name: Annotated[str | None, typer.Option("--name", help="TrainJob name [default: STAGE-TIME-RAND]")] = None,
-    runtime: Annotated[
-        str | None, typer.Option(help="ClusterTrainingRuntime [default: llmfab-train, llmfab-deepspeed with DeepSpeed]")
-    ] = None,
-    image: Annotated[str | None, typer.Option(help="Container image [default: the stage's image]")] = None,
-    registry: Annotated[str | None, typer.Option(help="Image registry [default: $LLMFAB_IMAGE_REGISTRY]")] = None,
-    tag: Annotated[str | None, typer.Option(help="Image tag [default: $LLMFAB_IMAGE_TAG or the version]")] = None,
-    tracking_uri: Annotated[
-        str | None, typer.Option("--tracking-uri", help="MLflow URI for the pods [default: ConfigMap llmfab-env's]")
-    ] = None,
-    experiment: Annotated[
-        str | None, typer.Option("--experiment", help="MLflow experiment [default: ConfigMap llmfab-env's]")
-    ] = None,
-    parent_run_id: Annotated[
-        str | None, typer.Option(help="MLflow parent run [default: $LLMFAB_PARENT_RUN_ID]")
-    ] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", help="More environment, NAME=VALUE (no secrets)")] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", help="More TrainJob labels, KEY=VALUE")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds [default: 72 h]")] = None,
-    poll: Annotated[float, typer.Option(help="Seconds between status reads")] = 15.0,
-    cleanup: Annotated[
-        str, typer.Option(help="Delete the TrainJob when done: on_success, always or never")
-    ] = "on_success",
-    attach: Annotated[bool, typer.Option(help="Follow an existing TrainJob of this name instead of failing")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the TrainJob YAML; submit nothing")] = False,
+    launch_options: Callable[[], dict] = dict,
 ) -> None:
     """Run a training stage on Kubernetes as a Kubeflow Trainer TrainJob and wait for it to finish.
 
     Prints each status change, then the stage's outputs as JSON (as `llmfab stage` does)."""
     from llmfab.config.base import validate
-    from llmfab.kube.trainjob import LaunchConfig, default_output, launch_stage, render_trainjob, trainjob_name
+    from llmfab.kube.manifest import render_trainjob, trainjob_name
+    from llmfab.kube.trainjob import default_output, launch_stage
 
     try:
         data = _config_data(config, set_)
         inputs = _inputs(input_)
-        fields = dict(
-            namespace=namespace,
-            name=job_name,
-            num_nodes=nodes,
-            procs_per_node=procs_per_node,
-            gpus_per_node=gpus,
-            cpu=cpu,
-            memory=memory,
-            runtime=runtime,
-            image=image,
-            registry=registry,
-            tag=tag,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            parent_run_id=parent_run_id,
-            env=_pairs(env, "--env"),
-            labels=_pairs(label, "--label"),
-            poll_s=poll,
-            cleanup=cleanup,
-            attach=attach,
-            **({"timeout_s": timeout} if timeout is not None else {}),
-        )
-        settings = validate(LaunchConfig, fields, "llmfab launch")
+        settings = validate(LaunchConfig, launch_options(), "llmfab launch")
         settings = settings.model_copy(update={"name": settings.name or trainjob_name(name)})
         if dry_run:
             obj = render_trainjob(name, data, inputs, output or default_output(settings.name, store), settings)
@@ -548,29 +571,23 @@ def submit(
     memory: Annotated[str | None, typer.Option(help="TrainJob steps: memory per node, e.g. 64Gi")] = None,
 ) -> None:
     """Upload a family's pipeline to a Kubeflow Pipelines server and start it (or schedule it)."""
-    from llmfab.kubeflow.submit import submit as submit_pipeline
+    from llmfab.runs import KfpServer, plan_run
 
     try:
-        done = submit_pipeline(
-            family,
-            host=host,
-            preset=preset,
-            overrides=set_ or [],
-            store=store,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            run_name=run_name,
-            kfp_experiment=kfp_experiment,
-            namespace=namespace,
-            schedule=schedule,
-            max_concurrency=max_concurrency,
-            registry=registry,
-            tag=tag,
-            trainjobs=_trainjobs(trainjob, nodes, gpus, cpu, memory),
-        )
+        plan = plan_run(family, preset, set_, store_uri=store, tracking_uri=tracking_uri, experiment=experiment,
+                        run_name=run_name)  # fmt: skip
+        server = KfpServer(host, namespace=namespace, kfp_experiment=kfp_experiment, registry=registry, tag=tag,
+                           trainjobs=_trainjobs(trainjob, nodes, gpus, cpu, memory))  # fmt: skip
+        if schedule:
+            job = server.schedule(plan, schedule, max_concurrency)
+            done = {"kind": "recurring_run", "id": job.id, "experiment_id": job.experiment_id, "name": job.name}
+        else:
+            result = server.run(plan)
+            done = {"kind": "run", "id": result.kfp_run_id, "experiment_id": result.kfp_experiment_id,
+                    "name": result.run_name}  # fmt: skip
     except LlmfabError as exc:
         _fail(exc)
-    typer.echo(json.dumps({"kind": done.kind, "id": done.id, "experiment_id": done.experiment_id, "name": done.name}))
+    typer.echo(json.dumps(done))
 
 
 @app.command()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from llmfab.config.recipe import Recipe, load_recipe
-from llmfab.data.version import DATA_FINGERPRINT_TAG, data_fingerprint
-from llmfab.errors import ConfigError, LlmfabError
+from llmfab.config.recipe import Recipe
+from llmfab.data.version import DATA_FINGERPRINT_TAG
+from llmfab.errors import ConfigError
 from llmfab.registry.promotion import alias_holder
+from llmfab.runs.plan import RunPlan, plan_run
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -37,7 +38,7 @@ class Decision:
 @dataclass
 class Outcome:
     decision: Decision
-    ran: str = ""  # "", "kfp" or "local"
+    ran: str = ""  # "", or the executor that ran it: "kfp" or "kfp-local"
     run_id: str | None = None  # the KFP run id, or the local pipeline's MLflow run id
     state: str | None = None  # the KFP run's final state (with --wait), "SUCCEEDED" for a local run
     candidate_version: str | None = None  # after the run: the registry's candidate and champion
@@ -58,11 +59,11 @@ def registered_name(recipe: Recipe) -> str:
 
 
 def decide(
-    client, recipe: Recipe, *, force: bool = False, max_age_days: float | None = None, now: float | None = None
+    client, plan: RunPlan, *, force: bool = False, max_age_days: float | None = None, now: float | None = None
 ) -> Decision:
-    """Whether `recipe` should run again, against the champion in the registry `client` talks to."""
-    name = registered_name(recipe)
-    fingerprint = data_fingerprint(recipe)
+    """Whether the planned run should happen, against the champion in the registry `client` talks to."""
+    name = registered_name(plan.recipe)
+    fingerprint = plan.data_fingerprint
     champion = alias_holder(client, name, CHAMPION)
     decision = Decision(False, "", name, fingerprint)
     if champion is not None:
@@ -121,54 +122,23 @@ def retrain(
 ) -> Outcome:
     """Decide; if it says so, run `family`'s pipeline on the KFP at `host` (else locally through kfp.local)."""
     from llmfab.registry.loading import registry_client
+    from llmfab.runs.kfp_local import KfpLocal
+    from llmfab.runs.kfp_server import KfpServer
 
-    recipe = load_recipe(family, preset, overrides or [])
+    plan = plan_run(family, preset, overrides, store_uri=store, tracking_uri=tracking_uri, experiment=experiment,
+                    run_name=run_name)  # fmt: skip
     client = client or registry_client(tracking_uri)
-    outcome = Outcome(decide(client, recipe, force=force, max_age_days=max_age_days))
+    outcome = Outcome(decide(client, plan, force=force, max_age_days=max_age_days))
     if not outcome.decision.retrain or dry_run:
         return outcome
     if host:
-        from llmfab.kubeflow.submit import submit
-
-        kfp_client = kfp_client or _kfp_client(host, namespace)
-        done = submit(
-            family, host=host, preset=preset, overrides=overrides, store=store, tracking_uri=tracking_uri,
-            experiment=experiment, run_name=run_name, namespace=namespace, registry=registry, tag=tag,
-            client=kfp_client,
-        )  # fmt: skip
-        outcome.ran, outcome.run_id = "kfp", done.id
-        if wait:
-            try:
-                run = kfp_client.wait_for_run_completion(done.id, timeout=timeout_s)
-            except Exception as exc:  # kfp's TimeoutError or an API error: the server's own words
-                raise LlmfabError(f"KFP run {done.id}: {type(exc).__name__}: {exc}") from exc
-            outcome.state = str(getattr(run, "state", "") or "")
-            if outcome.state != "SUCCEEDED":
-                raise LlmfabError(f"KFP run {done.id} ended {outcome.state or 'without a state'}")
-            _registry_state(client, outcome, _pipeline_mlflow_run(done.id, tracking_uri, experiment))
-        return outcome
-    from llmfab.kubeflow.local import run_local
-
-    result = run_local(
-        family, preset, overrides=overrides, store_uri=store, tracking_uri=tracking_uri, experiment=experiment,
-        run_name=run_name,
-    )  # fmt: skip
-    outcome.ran, outcome.run_id, outcome.state = "local", result.run_id, "SUCCEEDED"
-    _registry_state(client, outcome, result.run_id)
+        executor = KfpServer(host, namespace=namespace, registry=registry, tag=tag, wait=wait, timeout_s=timeout_s,
+                             client=kfp_client)  # fmt: skip
+    else:
+        executor = KfpLocal()
+    result = executor.run(plan)
+    outcome.ran, outcome.state = executor.name, result.state
+    outcome.run_id = result.kfp_run_id or result.run_id
+    if result.state == "SUCCEEDED":
+        _registry_state(client, outcome, result.run_id)
     return outcome
-
-
-def _pipeline_mlflow_run(kfp_run_id: str, tracking_uri: str | None, experiment: str | None) -> str | None:
-    """The MLflow run the pipeline's open-run task opened for KFP run `kfp_run_id` (None if not found)."""
-    from llmfab.kubeflow.runtime import KFP_RUN_TAG
-    from llmfab.tracking import Tracker
-
-    tracker = Tracker(tracking_uri, experiment)
-    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'")
-    return runs[0].info.run_id if runs else None
-
-
-def _kfp_client(host: str, namespace: str | None):
-    import kfp
-
-    return kfp.Client(host=host, namespace=namespace or "kubeflow")

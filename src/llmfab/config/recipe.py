@@ -201,6 +201,7 @@ class ResolvedStep:
     variant_configs: list[StageConfig] = field(default_factory=list)
     when: Condition | None = None
     round: Round | None = None  # set for a step of a rounds block: its id is `{block}{number}/{base_id}`
+    description: str = ""  # the recipe's words for the step: its MLflow run's description
 
     @property
     def base_id(self) -> str:
@@ -242,18 +243,6 @@ class Recipe:
     def round_counts(self) -> dict[str, int]:
         """{rounds block id: its number of rounds}: what shapes the pipeline besides the steps."""
         return {block.id: block.count for block in self.rounds.values()}
-
-    def run_tags(self, store_uri: str) -> dict[str, str]:
-        """The tags of a pipeline run of this recipe (what the registry's lineage and `llmfab retrain` read)."""
-        from llmfab.data.version import DATA_FINGERPRINT_TAG, data_fingerprint
-
-        return {
-            "llmfab.kind": "pipeline",
-            "llmfab.family": self.family,
-            "llmfab.preset": self.preset,
-            "llmfab.store": store_uri,
-            DATA_FINGERPRINT_TAG: data_fingerprint(self),
-        }
 
     def plan(self) -> dict:
         """The fully resolved recipe as plain data (what `llmfab compile --plan` prints)."""
@@ -617,7 +606,9 @@ def _resolve_step(
         spec.check_inputs(inputs)
     except ConfigError as exc:
         raise ConfigError(f"{spec_where}: {exc}") from None
-    return ResolvedStep(step_id, step.stage, dict(inputs), config, variants, variant_configs, when, rnd)
+    return ResolvedStep(
+        step_id, step.stage, dict(inputs), config, variants, variant_configs, when, rnd, step.description.strip()
+    )
 
 
 def _condition(text: str, earlier: dict[str, ResolvedStep], where: str) -> Condition:

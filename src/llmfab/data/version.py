@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 
+from llmfab.config.recipe import as_refs, is_uri
+from llmfab.storage.content import content_hash
+
 DATA_FINGERPRINT_TAG = "llmfab.data_fingerprint"
 DATA_STAGES = ("prepare_data",)  # stages whose config alone decides the data they write
 
 
 def data_fingerprint(recipe) -> str:
     """sha256 of the data-step configs and the content of every dataset URI the recipe reads directly."""
-    from llmfab.config.recipe import as_refs, is_uri
-    from llmfab.registry.lineage import describe
-
     parts: dict = {}
     for step in recipe.steps:
         if step.stage in DATA_STAGES:
@@ -28,6 +28,5 @@ def data_fingerprint(recipe) -> str:
         for name, refs in step.inputs.items():
             for ref in as_refs(refs):
                 if is_uri(ref):
-                    art = describe(ref, f"{step.id}.{name}")
-                    parts[f"{step.id}.{name}:{ref}"] = art.sha256 or ref  # unhashable (external): its name
+                    parts[f"{step.id}.{name}:{ref}"] = content_hash(ref)[1] or ref  # unhashable (external): its name
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

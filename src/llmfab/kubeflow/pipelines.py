@@ -367,6 +367,7 @@ def build_pipeline(
     kubernetes: KubernetesSettings | None = None,
     trainjobs: dict | None = None,
     loop_parallelism: int | None = None,
+    recipe: Recipe | None = None,
 ):
     """The KFP pipeline of `family`: a packaged family (the components load the same recipe in their image), or a
     recipe YAML path that the components can read (a local run). `preset` and `overrides` are the parameters'
@@ -374,10 +375,12 @@ def build_pipeline(
     refuses a run whose preset and overrides ask for another number of rounds).
     `trainjobs` maps step ids of training stages to a LaunchConfig: those steps run as TrainJobs (multi-node); a
     round's step is named by its id in the recipe (`dpo`, every round's).
-    `loop_parallelism` caps the concurrent runs of a parallel step (None: all at once, as a cluster schedules)."""
+    `loop_parallelism` caps the concurrent runs of a parallel step (None: all at once, as a cluster schedules).
+    `recipe`: `family` at `preset` with `overrides`, when the caller has loaded it already (a run's plan)."""
     from kfp import dsl
 
-    recipe: Recipe = load_recipe(family, preset, list(overrides or []))  # the steps, their wiring, the rounds
+    recipe = recipe or load_recipe(family, preset, list(overrides or []))  # the steps, their wiring, the rounds
+    preset = recipe.preset
     family_name = recipe.family
     trainjobs = dict(trainjobs or {})
     stages = {s.base_id: s.stage for s in recipe.steps}  # a round's step by its id in the recipe: every round's

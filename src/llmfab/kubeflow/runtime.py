@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,29 +67,27 @@ def open_run(
     """(parent MLflow run id, this run's store URI). With `parent_run_id` given (a local run, whose CLI holds the
     parent run open), only the store location is worked out; else a parent run is created and tagged. `rounds`
     (JSON {block: count}) is what the pipeline's graph was built for: a preset that asks for other counts fails."""
-    from llmfab.config.recipe import load_recipe
-    from llmfab.recipe_runner import log_pipeline_run
-    from llmfab.storage import open_store
-    from llmfab.tracking import TrackedRun, Tracker
+    from llmfab.runs.plan import plan_run, run_store_uri
+    from llmfab.tracking import TrackedRun
 
-    # A local run (the CLI named and holds the run) needs only the store location, not the recipe.
-    loaded = None if parent_run_id and run_name else load_recipe(recipe, preset, list(overrides or []))
-    if loaded is not None and rounds and loaded.round_counts() != json.loads(rounds):
+    if parent_run_id and run_name:  # a local run: the CLI named the run and holds it open
+        return parent_run_id, run_store_uri(store or None, run_name)
+    plan = plan_run(recipe, preset, overrides, store_uri=store or None, tracking_uri=tracking_uri or None,
+                    experiment=experiment or None, run_name=run_name or None)  # fmt: skip
+    if rounds and plan.recipe.round_counts() != json.loads(rounds):
         raise LlmfabError(
-            f"recipe {recipe}, preset {preset}: rounds {loaded.round_counts()}, but this pipeline was built for "
+            f"recipe {recipe}, preset {preset}: rounds {plan.recipe.round_counts()}, but this pipeline was built for "
             f"{json.loads(rounds)}: build it with this preset and overrides (llmfab submit does)"
         )
-    run_name = run_name or f"{loaded.family}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_store = open_store(store or None).sub(f"runs/{run_name}")
     if parent_run_id:
-        return parent_run_id, run_store.uri
-    tracker = Tracker(tracking_uri or None, experiment or None)
-    tags = {"mlflow.runName": run_name, **loaded.run_tags(run_store.uri), KFP_RUN_TAG: kfp_run_id}
+        return parent_run_id, plan.run_store_uri
+    tracker = plan.tracking.tracker()
+    tags = {"mlflow.runName": plan.run_name, **plan.tags(), KFP_RUN_TAG: kfp_run_id}
     # Left RUNNING: the pipeline's exit task (close_run) ends it with the pipeline's status.
-    created = tracker.client.create_run(tracker.experiment_id, run_name=run_name, tags=tags)
+    created = tracker.client.create_run(tracker.experiment_id, run_name=plan.run_name, tags=tags)
     parent = TrackedRun(tracker.client, created.info.run_id, tracker.experiment_id)
-    log_pipeline_run(parent, loaded, overrides)
-    return parent.run_id, run_store.uri
+    plan.log_to(parent)
+    return parent.run_id, plan.run_store_uri
 
 
 def close_run(kfp_run_id: str, adopted_run_id: str, tracking_uri: str, experiment: str, state: str) -> None:
@@ -174,7 +172,8 @@ def run_component(
             store=open_store(store_uri).sub(prefix),
             tracker=Tracker(tracking_uri or None, experiment or None),
             parent_run_id=parent_run_id or None,
-            show_progress=False,
+            show_progress=os.environ.get("LLMFAB_TASK_PROGRESS") == "1",  # kfp.local's quiet runner shows them
+            description=step.description,
         )
     for name, artifact in outputs.items():
         write_pointer(artifact, result.outputs[name], stage=stage, step=step_id, mlflow_run_id=result.run_id or "")

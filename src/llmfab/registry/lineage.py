@@ -8,17 +8,11 @@ chain of steps, the parent checkpoints and the data, each with a content hash.
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from llmfab.data.version import DATA_FINGERPRINT_TAG
 from llmfab.errors import LlmfabError
-from llmfab.storage import open_store
-from llmfab.storage.checkpoint import read_manifest, sha256_file
-from llmfab.storage.local import LocalStore
+from llmfab.storage.content import content_hash
 
 INPUT_TAG = "llmfab.input."
 OUTPUT_TAG = "llmfab.output."
@@ -48,47 +42,11 @@ class Lineage:
         return asdict(self)
 
 
-def checkpoint_hash(manifest: dict) -> str:
-    """One sha256 over a checkpoint's file hashes: equal for equal content wherever it is stored."""
-    files = {name: entry["sha256"] for name, entry in sorted(manifest["files"].items())}
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def _files_hash(store, keys: list[str]) -> str:
-    digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory(prefix="llmfab-hash-") as tmp:
-        for key in sorted(keys):
-            if isinstance(store, LocalStore):
-                file_hash = sha256_file(store.local_path(key))
-            else:  # one object at a time, so a large dataset never needs its whole size on disk
-                path = Path(tmp) / "blob"
-                store.get_file(key, path)
-                file_hash = sha256_file(path)
-                path.unlink()
-            digest.update(f"{key}\0{file_hash}\n".encode())
-    return digest.hexdigest()
-
-
 def describe(uri: str, key: str) -> Artifact:
     """Classify `uri` and hash its content: a checkpoint by its manifest, a dataset (prefix or single file) by its
     files' bytes; anything the store does not hold (a hub id) is `external` and unhashed."""
-    try:
-        store = open_store(uri)
-        try:
-            return Artifact(uri, "checkpoint", checkpoint_hash(read_manifest(store)), key)
-        except LlmfabError:
-            pass
-        keys = list(store.list())
-        if keys:
-            return Artifact(uri, "data", _files_hash(store, keys), key)
-        parent, _, name = uri.rstrip("/").rpartition("/")
-        if parent and name:
-            parent_store = open_store(parent)
-            if parent_store.exists(name):
-                return Artifact(uri, "data", _files_hash(parent_store, [name]), key)
-    except (LlmfabError, OSError, ValueError):
-        pass
-    return Artifact(uri, "external", None, key)
+    kind, sha256 = content_hash(uri)
+    return Artifact(uri, kind, sha256, key)
 
 
 def parse_uris(value: str) -> list[str]:
