@@ -16,14 +16,16 @@ from llmfab.config.recipe import load_recipe
 from llmfab.data.version import data_fingerprint
 from llmfab.errors import ConfigError, LlmfabError
 from llmfab.models import load_model, load_tokenizer, save_model
-from llmfab.recipe_runner import run_recipe
 from llmfab.registry import generate_text, load_registered, parse_model_uri
-from llmfab.registry.lineage import checkpoint_hash, parse_uris
+from llmfab.registry.lineage import parse_uris
 from llmfab.registry.register import metric_tags, register_checkpoint
+from llmfab.runs import InProcess
+from llmfab.runs.plan import plan_recipe
 from llmfab.stages.register import read_report, report_metrics
 from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
 from llmfab.storage.checkpoint import read_manifest, write_checkpoint
+from llmfab.storage.content import checkpoint_hash
 from llmfab.tracking import Tracker
 
 runner = CliRunner()
@@ -68,9 +70,8 @@ def chain(tmp_path_factory):
     path = root / "mini.yaml"
     path.write_text(CHAIN_RECIPE)
     recipe = load_recipe(path)
-    result = run_recipe(
-        recipe, store_uri=str(root / "store"), tracking_uri=uri, run_name="mini-tiny", show_progress=False
-    )
+    plan = plan_recipe(recipe, store_uri=str(root / "store"), tracking_uri=uri, run_name="mini-tiny")
+    result = InProcess(show_progress=False).run(plan)
     tracker = Tracker(uri, "llmfab")
     store = open_store(result.store_uri)
     outputs = {name: res.outputs for name, res in result.steps.items()}
@@ -157,6 +158,7 @@ def test_register_records_lineage_and_reruns_reuse_the_version(chain):
     assert float(tags["llmfab.metric.gold_reward"]) == 0.25 and float(tags["llmfab.metric.heldout_ppl"]) == 40.0
     assert tags["llmfab.registration"] == "transformers" and "load_model" in tags["llmfab.load"]
     assert tags["llmfab.gate.decision"] == "promote" and "no champion yet" in tags["llmfab.gate.reasons"]
+    assert "**Evaluation** (held out): gold_reward" in mv.description and "**Gate**: promote" in mv.description
     assert mv.run_id == first.run_id and mv.aliases == ["candidate"]
     run = client.get_run(first.run_id)
     assert run.data.tags["llmfab.value.decision"] == "promote" and run.data.tags["llmfab.registered_version"] == "1"
@@ -166,8 +168,13 @@ def test_register_records_lineage_and_reruns_reuse_the_version(chain):
     assert _registration(again)["version"] == "1" and _registration(again)["created"] is False
     assert client.get_model_version("llmfab-mini", "1").tags["llmfab.reregistered_by_run"] == again.run_id
     assert [str(v.version) for v in client.search_model_versions("name = 'llmfab-mini'")] == ["1"]
-    assert "model" in {a.path for a in client.list_artifacts(first.run_id)}
-    assert "model" not in {a.path for a in client.list_artifacts(again.run_id)}
+    # The weights are an MLflow 3 LoggedModel of the first registering run, the version registered from it.
+    logged = client.get_logged_model(mv.tags["llmfab.model_id"])
+    assert logged.source_run_id == first.run_id and str(logged.status) == "READY"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "llmfab-mini", "version": 1}]
+    assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    experiment = client.get_run(first.run_id).info.experiment_id
+    assert [m.model_id for m in client.search_logged_models([experiment])] == [logged.model_id]  # none for `again`
 
 
 def test_register_needs_a_name_outside_a_pipeline_and_a_matching_report(chain, tracking_uri, tmp_path):
@@ -378,7 +385,7 @@ def test_register_and_load_against_mlflow_server_with_s3(chain, mlflow_server, m
     from llmfab.storage.s3 import make_client
 
     keys = [o["Key"] for o in make_client().list_objects_v2(Bucket=bucket, Prefix="mlartifacts/").get("Contents", [])]
-    assert any(k.endswith("model/MLmodel") for k in keys), keys
+    assert any(k.startswith("mlartifacts/1/models/m-") and k.endswith("/artifacts/MLmodel") for k in keys), keys
     texts = generate_text("models:/llmfab-srv@champion", PROMPTS, max_new_tokens=12, temperature=1.0)
     assert len(texts) == 2 and any(texts)
     client = MlflowClient(uri)

@@ -96,3 +96,26 @@ def test_parent_run_from_environment(monkeypatch, tmp_path, tracking_uri):
         monkeypatch.setenv("LLMFAB_PARENT_RUN_ID", parent.run_id)
         result = run_stage("test_echo", {}, {"src": "x"}, store=open_store(tmp_path))
     assert tracker.client.get_run(result.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_stage_runs_record_datasets_description_and_system_metrics(testbed, tmp_path, tracking_uri, monkeypatch):
+    """What the MLflow UI shows of a stage run: the datasets it read (store URI, content digest, train or test), the
+    recipe's words for the step as its description, and for a training stage the machine's load while it ran."""
+    from conftest import TINY_MODEL
+    from llmfab.storage.content import content_hash
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracker = Tracker(tracking_uri)
+    cfg = {"model": TINY_MODEL, "seq_len": 64, "train": {"max_steps": 30, "batch_size": 4}}
+    inputs = {"corpus": testbed["text"], "tokenizer": testbed["tokenizer"]}
+    with tracker.run("parent") as parent:
+        trained = run_stage("pretrain", cfg, inputs, store=open_store(tmp_path / "p"), tracker=tracker,
+                            parent_run_id=parent.run_id, description="core pretraining")  # fmt: skip
+    run = tracker.client.get_run(trained.run_id)
+    assert run.data.tags["mlflow.note.content"] == "core pretraining"
+    (read,) = run.inputs.dataset_inputs  # the corpus; the tokenizer is a checkpoint, not a dataset
+    assert read.dataset.name == "corpus" and testbed["text"] in read.dataset.source
+    assert content_hash(testbed["text"])[1].startswith(read.dataset.digest)
+    assert {t.key: t.value for t in read.tags}["mlflow.data.context"] == "train"
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert not any(k.startswith("system/") for k in trained.metrics)  # the stage's own metrics stay its own

@@ -7,6 +7,7 @@ load_model("models:/NAME@champion")` works anywhere); large ones are registered 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -16,9 +17,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from llmfab.errors import LlmfabError
-from llmfab.registry.lineage import checkpoint_hash
 from llmfab.storage import open_store
 from llmfab.storage.checkpoint import read_manifest, verify_checkpoint
+from llmfab.storage.content import checkpoint_hash
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ PARAMETERS_TAG = "llmfab.parameters"
 METRIC_TAG = "llmfab.metric."
 MODES = ("auto", "transformers", "uri")
 ARTIFACT_PATH = "model"
+MODEL_ID_TAG = "llmfab.model_id"  # on a version: the MLflow LoggedModel it was registered from
 _BYTES = {"float32": 4, "float": 4, "float64": 8, "float16": 2, "half": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 
 
@@ -112,8 +114,8 @@ def choose_mode(mode: str, model_uri: str, max_flavor_parameters: int) -> tuple[
     return mode, params
 
 
-def _log_transformers(client, run_id: str, model_uri: str, metadata: dict) -> str:
-    """Log the checkpoint with the transformers flavour as artifacts of `run_id`; returns the artifact URI."""
+def _log_transformers(client, model_id: str, model_uri: str, metadata: dict) -> None:
+    """The checkpoint in the transformers flavour as the artifacts of LoggedModel `model_id`."""
     import huggingface_hub
     import mlflow.transformers
 
@@ -137,8 +139,25 @@ def _log_transformers(client, run_id: str, model_uri: str, metadata: dict) -> st
             metadata=metadata,
             model_card=card,
         )
-        client.log_artifacts(run_id, str(path), ARTIFACT_PATH)
-    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+        client.log_model_artifacts(model_id, str(path))
+
+
+def logged_model(client, run_id: str, name: str, tags: dict[str, str], fill=None) -> str:
+    """An MLflow 3 LoggedModel for the registering run `run_id` (the run's Models tab links it, and the version
+    registers from it): `fill(model_id)` uploads its artifacts, if it has any; READY once done, FAILED if not."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    created = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="llm")
+    try:
+        if fill is not None:
+            fill(created.model_id)
+    except BaseException:
+        client.finalize_logged_model(created.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(created.model_id, "READY")
+    from mlflow.entities import LoggedModelOutput
+
+    client.log_outputs(run_id, [LoggedModelOutput(created.model_id, 0)])  # the run's "Logged models"
+    return created.model_id
 
 
 def register_checkpoint(
@@ -162,20 +181,47 @@ def register_checkpoint(
         log.info("%s: version %s already holds this checkpoint (fingerprint %s)", name, existing.version, fp[:12])
         return Registered(name, str(existing.version), existing.source, existing.tags.get(FORMAT_TAG, ""), False, fp)
     mode, params = choose_mode(mode, model_uri, max_flavor_parameters)
+    meta = {FINGERPRINT_TAG: fp, "llmfab.model_uri": model_uri, FORMAT_TAG: mode}
+    model_id = None
     if mode == "transformers":
         if run_id is None:
             raise RegistryError("log_model transformers: the model is logged into a run; give run_id")
-        source = _log_transformers(client, run_id, model_uri, {FINGERPRINT_TAG: fp, "llmfab.model_uri": model_uri})
+        fill = functools.partial(_log_transformers, client, model_uri=model_uri, metadata=meta)
+        model_id = logged_model(client, run_id, ARTIFACT_PATH, meta, fill)
+        source = client.get_logged_model(model_id).artifact_location  # where models:/<model_id> points
         load = f"mlflow.transformers.load_model('models:/{name}@ALIAS') or llmfab.registry.load_registered(...)"
     else:
+        # Above the flavour's size limit the weights stay where they are; the LoggedModel records where.
+        model_id = logged_model(client, run_id, ARTIFACT_PATH, meta) if run_id else None
         source = model_uri
         load = (
             f"llmfab.registry.load_registered('models:/{name}@ALIAS'), i.e. llmfab.models.load_model('{source}') "
             "(an llmfab checkpoint: HF files + MANIFEST.json, verified on download)"
         )
     all_tags = {**(tags or {}), FINGERPRINT_TAG: fp, FORMAT_TAG: mode, LOAD_TAG: load, PARAMETERS_TAG: str(params)}
-    mv = client.create_model_version(name, source, run_id=run_id, tags=all_tags, description=description)
+    if model_id:
+        all_tags[MODEL_ID_TAG] = model_id
+    mv = client.create_model_version(
+        name, source, run_id=run_id, tags=all_tags, description=description, model_id=model_id
+    )
+    if model_id:  # the LoggedModel's link to its version, as mlflow.register_model writes it (the UI reads it)
+        client.set_logged_model_tags(
+            model_id, {"mlflow.modelVersions": json.dumps([{"name": name, "version": mv.version}])}
+        )
     return Registered(name, str(mv.version), mv.source, mode, True, fp)
+
+
+HEADLINE_METRICS = ("gold_reward", "heldout_loss", "win_rate_gold", "win_rate_rm", "kl_to_reference", "rm_score")
+
+
+def version_description(intro: str | None, metrics: dict[str, float], decision: str, reasons: list[str]) -> str:
+    """A model version's description (Markdown, as the registry UI shows it): the evaluation and the gate."""
+    shown = [k for k in HEADLINE_METRICS if k in metrics] or sorted(metrics)[:8]
+    lines = [intro.strip(), ""] if intro else []
+    if shown:
+        lines += ["**Evaluation** (held out): " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown), ""]
+    lines.append(f"**Gate**: {decision}" + "".join(f"\n- {r}" for r in reasons))
+    return "\n".join(lines)
 
 
 def metric_tags(metrics: dict[str, float]) -> dict[str, str]:

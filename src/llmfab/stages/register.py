@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from llmfab.errors import ConfigError, LlmfabError
 from llmfab.registry.lineage import collect_lineage, lineage_tags
 from llmfab.registry.promotion import RULES_TAG, GateRule, evaluate_gate, record_gate, set_alias
-from llmfab.registry.register import metric_tags, register_checkpoint
+from llmfab.registry.register import metric_tags, register_checkpoint, version_description
 from llmfab.registry.registration import check_alias, tracked_run, write_registration
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.storage import open_store
@@ -161,6 +161,8 @@ def run(config: RegisterConfig, inputs: dict, ctx: StageContext) -> dict[str, st
         set_alias(client, name, reg.version, config.candidate_alias, by)
         verdict = evaluate_gate(client, name, reg.version, config.gate, config.champion_alias)
         record_gate(client, name, reg.version, verdict, by)
+        summary = version_description(config.description, metrics, verdict.decision, verdict.reasons)
+        client.update_model_version(name, reg.version, description=summary)
         run.set_tags({"llmfab.registered_model": name, "llmfab.registered_version": reg.version})
         aliases = sorted(client.get_model_version(name, reg.version).aliases)
     log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from llmfab.errors import LlmfabError
 from llmfab.stages.base import StageConfig, StageContext, get_stage
 from llmfab.storage import ObjectStore, open_store
+from llmfab.storage.content import DATA, content_hash
 from llmfab.tracking import Tracker, timing
 from llmfab.tracking.mlflow_tracker import PARENT_RUN_ENV
 
@@ -41,8 +43,10 @@ def run_stage(
     parent_run_id: str | None = None,
     track: bool = True,
     show_progress: bool | None = None,
+    description: str = "",
 ) -> StageResult:
-    """Run stage `stage` with `config` on `inputs` (name -> URI), writing below `store`."""
+    """Run stage `stage` with `config` on `inputs` (name -> URI), writing below `store`. `description` (the
+    recipe's words for the step) becomes the MLflow run's description."""
     spec = get_stage(stage)
     cfg = spec.make_config(config, source=f"stage {stage}")
     inputs = dict(inputs or {})
@@ -66,9 +70,11 @@ def run_stage(
                     "llmfab.step": step_id,
                     "llmfab.store": store.uri,
                     **{f"llmfab.input.{k}": v for k, v in inputs.items()},
+                    **({"mlflow.note.content": description} if description else {}),
                 }
             )
             run.log_system_info()
+            log_datasets(run, stage, inputs)
         returned = spec.fn(cfg, inputs, ctx) or {}
         missing = sorted((set(spec.outputs) | set(spec.values)) - set(returned))
         if missing:
@@ -89,5 +95,41 @@ def run_stage(
     if not track:
         return call(None)
     tracker = tracker or Tracker()
-    with tracker.run(step_id, parent_run_id=parent_run_id, tags={"llmfab.kind": "stage"}) as run:
+    training = "train" in type(cfg).model_fields
+    with (
+        tracker.run(step_id, parent_run_id=parent_run_id, tags={"llmfab.kind": "stage"}) as run,
+        system_metrics(run, tracker.uri, enabled=training),
+    ):
         return call(run)
+
+
+TEST_INPUTS = ("eval_prompts",)  # inputs read for measuring, not training; evaluate reads everything for that
+NOT_DATASETS = ("report", "registration")  # records the stage reads, not data it learns from or measures on
+
+
+def log_datasets(run, stage: str, inputs: dict[str, str | list[str]]) -> None:
+    """Every dataset among the inputs as an MLflow run input: its store URI, its content's sha256, train or test."""
+    for name, refs in inputs.items():
+        for uri in [refs] if isinstance(refs, str) else refs:
+            kind, digest = content_hash(uri) if name not in NOT_DATASETS else (None, None)
+            if kind == DATA and digest:
+                context = "test" if stage == "evaluate" or name in TEST_INPUTS else "train"
+                run.log_dataset(name, uri, digest, context)
+
+
+@contextlib.contextmanager
+def system_metrics(run, uri: str, enabled: bool):
+    """MLflow's system metrics (CPU, memory, disk, network, GPU) every few seconds while a training stage runs;
+    LLMFAB_SYSTEM_METRICS=0 turns them off."""
+    if not enabled or os.environ.get("LLMFAB_SYSTEM_METRICS", "1") == "0":
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -131,6 +131,15 @@ class TrackedRun:
         """Record where an output lives in the object store (links, not copies)."""
         self.set_tags({f"llmfab.output.{name}": uri})
 
+    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
+        """A dataset the run read, as an MLflow run input (the UI's Datasets column): its store URI as the source,
+        its content's sha256 as the digest (MLflow shows 8 characters), `context` train or test."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="llmfab-store", source=json.dumps({"uri": source}))
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
@@ -220,7 +229,8 @@ def copy_child_metrics(tracker: Tracker, parent_run_id: str) -> list:
     children = tracker.child_runs(parent_run_id)
     parent = TrackedRun(tracker.client, parent_run_id, tracker.experiment_id)
     for run in children:
-        parent.log_metrics({f"{run.info.run_name}.{k}": v for k, v in run.data.metrics.items()})
+        metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}  # the step's own
+        parent.log_metrics({f"{run.info.run_name}.{k}": v for k, v in metrics.items()})
     return children
 
 
