@@ -44,7 +44,7 @@ def page_text(browser: str, url: str, screenshot: Path) -> str:
     subprocess.run([*common, f"--screenshot={screenshot}", url], check=True, capture_output=True, timeout=180)
     dom = subprocess.run([*common, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=180).stdout
     text = re.sub(r"<script.*?</script>|<style.*?</style>", "", dom, flags=re.S)
-    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)))
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))  # &nbsp; too
 
 
 @pytest.mark.slow

@@ -72,12 +72,6 @@ class RunConsole:
             f"[bold]{plan.run_name}[/]: {plan.family} at preset {plan.preset} ({len(plan.recipe.steps)} steps, "
             f"{runner}); tracking {plan.tracking.resolved_uri}, checkpoints under {plan.run_store_uri}"
         )
-        if self.console.is_terminal:
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                console=self.console, transient=True,
-            )  # fmt: skip
-            self.progress.start()
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -88,8 +82,15 @@ class RunConsole:
         self.console.print(step_line(step))
 
     def on_progress(self, task: str, done: int, total: int) -> None:
-        if self.progress is None:
+        if not self.console.is_terminal:
             return
+        if self.progress is None:
+            # Live only while a bar shows: an empty live display adds a blank line at every refresh.
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                console=self.console, transient=True,
+            )  # fmt: skip
+            self.progress.start()
         if task not in self._bars:
             self._bars[task] = self.progress.add_task(task, total=total)
         self.progress.update(self._bars[task], completed=done, total=total)
@@ -97,6 +98,8 @@ class RunConsole:
     def on_task(self, task: str, status: str, log: Path) -> None:
         if task in self._bars and self.progress is not None:
             self.progress.remove_task(self._bars.pop(task))
+            if not self._bars:
+                self.stop()
         if status != "SUCCESS":
             lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-TAIL_LINES:]
             self.console.print(f"[red]✗ task {task} failed[/]; the last {len(lines)} lines of {log}:")
