@@ -554,6 +554,12 @@ def _poisoned_model(mini, folder: Path) -> str:
     return save_model(model, tok, open_store(folder / "poisoned"))
 
 
+def _jsonl_file(folder: Path) -> Path:
+    path = folder / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [CHAT]}) + "\n")
+    return path
+
+
 def _other_tokenizer(folder: Path) -> str:
     """A tokenizer of the same size trained on other text (Python code): the same ids mean other tokens."""
     docs = [{"text": d} for d in code_documents(40, 0, 400)]
@@ -678,6 +684,14 @@ BAD_INPUTS = {
     "folder that is no model": lambda m, d: (
         ["stage", "sft", *NO_EVAL, "-i", f"model={d}", "-i", f"data={m['chat']}"],
         r"neither a checkpoint \(MANIFEST\.json\) nor a Hugging Face folder",
+    ),
+    "tokenizer given as a model": lambda m, d: (
+        ["stage", "sft", *NO_EVAL, "-i", f"model={m['tokenizer']}", "-i", f"data={m['chat']}"],
+        r"holds no model \(no config\.json\): a tokenizer-only folder given as a model\?",
+    ),
+    "JSONL file given as a model": lambda m, d: (
+        ["stage", "sft", *NO_EVAL, "-i", f"model={_jsonl_file(d)}", "-i", f"data={m['chat']}"],
+        r"a file, not a model or tokenizer folder",
     ),
     "unsupported URI scheme": lambda m, d: (
         [*PRETRAIN, "-i", "corpus=gs://bucket/text", "-i", f"tokenizer={m['tokenizer']}"],

@@ -11,11 +11,12 @@ data/chat.py gets exact loss masks; the terminators are those `chat.stop_token_i
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmfab.checkpoint_refs import loadable_folder
+from llmfab.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,24 @@ def chat_format(name: str) -> ChatFormat:
 SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
 
 
+# BPE training on one multi-megabyte text (a minified file, a dump without newlines) stalls for minutes in the
+# pre-tokenizer's regex; pieces of at most this many characters, cut before whitespace, keep it linear and
+# leave every word (pre-token) as it was.
+MAX_TRAIN_CHUNK = 8192
+
+
+def bounded_chunks(texts: Iterable[str], max_chars: int = MAX_TRAIN_CHUNK) -> Iterator[str]:
+    """Each text, a long one cut into pieces of at most `max_chars` characters just before a whitespace
+    (where the pre-tokenizer splits anyway), or at `max_chars` when a piece has none."""
+    for text in texts:
+        while len(text) > max_chars:
+            cut = max(text.rfind(" ", 1, max_chars + 1), text.rfind("\n", 1, max_chars + 1))
+            cut = cut if cut > 0 else max_chars
+            yield text[:cut]
+            text = text[cut:]
+        yield text
+
+
 def train_bpe_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 2048,
@@ -146,7 +165,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(bounded_chunks(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=fmt.eos,
@@ -171,7 +190,7 @@ def train_char_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_f
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["[UNK]", EOS], show_progress=False
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(bounded_chunks(texts), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token=EOS)
 
 
@@ -180,32 +199,54 @@ def _has_token(tokenizer, token: str) -> bool:
     return isinstance(token_id, int) and (tokenizer.unk_token_id is None or token_id != tokenizer.unk_token_id)
 
 
+# Pad-like tokens a vocabulary may already hold, by preference: Llama 3's reserved fine-tuning pad, ours,
+# Gemma's and BERT's, then Qwen's end-of-text (its base tokenizers' pad).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", PAD, "<pad>", "[PAD]", EOS)
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token (every Llama 3.x base) one from its own vocabulary: a pad-like
+    token it has, else its EOS. Batches are padded to a common length and the padding is masked out
+    (labels -100, attention and reward reads by length), so any existing id will do; adding a token would
+    grow the vocabulary and force an embedding resize of the model."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    pad = next((t for t in PAD_CANDIDATES if _has_token(tokenizer, t)), None) or tokenizer.eos_token
+    if pad is None:
+        raise CheckpointError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
+    tokenizer.pad_token = pad
+    log.info("tokenizer %s has no pad token: padding with %s", tokenizer.name_or_path, pad)
+    return tokenizer
+
+
 def load_tokenizer(ref: str | Path):
-    """A tokenizer from a hub id, a local folder or an object-store URI (a checkpoint's own tokenizer)."""
+    """A tokenizer from a hub id, hf:// URI, local folder or object-store URI (a checkpoint's own
+    tokenizer), its chat template as shipped, with a pad token (ensure_pad_token)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(loadable_folder(ref), trust_remote_code=False)
+    folder = loadable_folder(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # a model-only folder, a broken tokenizer file
+        raise CheckpointError(f"{ref}: no tokenizer can be loaded from it ({str(exc).splitlines()[0]})") from None
+    return ensure_pad_token(tokenizer)
 
 
 def adopt_tokenizer(ref: str, chat_format_name: str | None = None, model_max_length: int | None = None):
-    """An existing tokenizer (hub id, folder or store URI). With `chat_format_name` its template is
-    replaced by ours (exact assistant masks) and missing turn tokens are added; a missing pad
-    token is added too. Added tokens grow the vocabulary: models are resized to it on load
-    (models.embeddings.match_vocab)."""
+    """An existing tokenizer (hub id, hf:// URI, folder or store URI), its own chat template kept (hub
+    templates carry their family's default system prompt or date header). A tokenizer without one gets
+    the `chat_format_name` family's template, with that family's turn tokens added when missing (the
+    vocabulary grows: models are resized to it on load, models.embeddings.match_vocab)."""
     tokenizer = load_tokenizer(ref)
     before = len(tokenizer)
-    fmt = chat_format(chat_format_name) if chat_format_name else None
-    if fmt is not None:
+    if chat_format_name and not tokenizer.chat_template:
+        fmt = chat_format(chat_format_name)
         missing = [t for t in fmt.turn_tokens if not _has_token(tokenizer, t)]
         if missing:
             tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
         tokenizer.chat_template = fmt.template
-    if tokenizer.pad_token is None:
-        pad = fmt.pad if fmt else PAD
-        if _has_token(tokenizer, pad):
-            tokenizer.pad_token = pad
-        else:
-            tokenizer.add_special_tokens({"pad_token": pad})
+    elif chat_format_name:
+        log.info("adopted tokenizer %s keeps its own chat template (chat_format %s not applied)", ref, chat_format_name)
     if model_max_length:
         tokenizer.model_max_length = model_max_length
     if len(tokenizer) != before:

@@ -23,11 +23,13 @@ class Measured:
     samples: dict[str, list] | None = None
 
 
-def heldout_perplexity(model, tokenizer, data: str, *, max_len: int, conversations: int, batch_size: int) -> Measured:
+def heldout_perplexity(
+    model, tokenizer, data: str, *, max_len: int, conversations: int, batch_size: int, options=None
+) -> Measured:
     """heldout_loss = −(1/T) Σ_t log π(y_t | y_<t) over the T assistant tokens of chat dataset `data`'s first
     `conversations` test conversations (packed rows of `max_len`); heldout_ppl = exp(heldout_loss).
-    Counted in scored tokens."""
-    metrics, convs, tokens = heldout_loss(model, tokenizer, data, max_len, conversations, batch_size)
+    Counted in scored tokens. `options` (DataOptions) name its test split."""
+    metrics, convs, tokens = heldout_loss(model, tokenizer, data, max_len, conversations, batch_size, options)
     return Measured(metrics, f"data test split: assistant tokens of {convs} conversations", tokens)
 
 

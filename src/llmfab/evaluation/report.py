@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmfab.data.schemas import last_text
 from llmfab.data.tasks import TASKS
 from llmfab.evaluation.gold import score_gold
 from llmfab.generation import sample_policy
@@ -26,10 +27,12 @@ def win_rate(ours: list[float], theirs: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)) / len(ours)
 
 
-def heldout_loss(model, tokenizer, uri: str, max_len: int, limit: int, batch_size: int = 8) -> tuple[dict, int, int]:
+def heldout_loss(
+    model, tokenizer, uri: str, max_len: int, limit: int, batch_size: int = 8, options=None
+) -> tuple[dict, int, int]:
     """Mean loss on the assistant tokens of chat dataset `uri`'s first `limit` test conversations
     (SFT's eval rows); returns ({heldout_loss, heldout_ppl}, conversations, scored tokens)."""
-    rows = held_out_rows(tokenizer, uri, max_len, limit)
+    rows = held_out_rows(tokenizer, uri, max_len, limit, options)
     loss = eval_lm_loss(model, rows, batch_size)
     conversations = int((rows["position_ids"] == 0).sum())  # each packed conversation restarts its positions
     tokens = int((rows["labels"][:, 1:] != IGNORE).sum())
@@ -65,13 +68,15 @@ def compare_sampled(
     def answer_and_score(model):
         samples = sample_policy(model, tokenizer, prompts, **sampling)
         scores = (
-            sample_scores(reward_model, tokenizer, samples, batch_size).tolist() if reward_model is not None else None
+            sample_scores(reward_model, tokenizer, samples, batch_size, [r["prompt"] for r in flat]).tolist()
+            if reward_model is not None
+            else None
         )
         return samples.texts, samples, scores
 
     answers, samples, scores = answer_and_score(policy)
     metrics: dict[str, float] = {}
-    table: dict[str, list] = {"prompt": [r["prompt"][-200:] for r in flat], "response": answers}
+    table: dict[str, list] = {"prompt": [last_text(r["prompt"])[-200:] for r in flat], "response": answers}
     if scores is not None:
         metrics["rm_score"] = sum(scores) / len(scores)
         table["rm_score"] = scores

@@ -1,4 +1,4 @@
-"""Load models from a hub id, a local folder or an object-store URI; save them (with their tokenizer) as
+"""Load models from a hub id, an hf:// URI, a local folder or an object-store URI; save them (with their tokenizer) as
 atomic checkpoints (HF format files + manifest)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from llmfab.models.dtypes import DTYPES
 from llmfab.models.palettize import is_palettized, load_palettized
 from llmfab.storage import ObjectStore
 from llmfab.storage.checkpoint import write_checkpoint
+from llmfab.tokenizer import load_tokenizer
 from llmfab.train.distributed import barrier, is_main_process
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -33,6 +34,8 @@ def load_model(
     import transformers
 
     folder = loadable_folder(ref)
+    if Path(folder).is_dir() and not (Path(folder) / "config.json").is_file():
+        raise CheckpointError(f"{ref}: holds no model (no config.json): a tokenizer-only folder given as a model?")
     if (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{ref}: an adapter loads from {ADAPTER_WEIGHTS} only (pickled .bin files are not)")
     if kind == "causal_lm":
@@ -40,7 +43,7 @@ def load_model(
             model = load_palettized(folder, DTYPES[dtype])
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], **SAFE_LOADING)
-        return _with_adapter(model, folder, merge_adapter).to(device)
+        return _with_pad_id(_with_adapter(model, folder, merge_adapter), folder).to(device)
     if kind != "reward":
         raise ValueError(f"unknown model kind {kind!r}")
     if is_palettized(folder) or (Path(folder) / ADAPTER_CONFIG).is_file():
@@ -49,11 +52,27 @@ def load_model(
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         folder, dtype=DTYPES[dtype], num_labels=1, **SAFE_LOADING
     )
-    if model.config.pad_token_id is None:
-        raise ValueError(
-            f"{ref}: a reward model needs pad_token_id in its config (transformers refuses padded batches without one)"
-        )
-    return model.to(device)
+    return _with_pad_id(model, folder).to(device)
+
+
+def _with_pad_id(model, folder: str):
+    """A config without pad_token_id (Llama 3.x bases) gets the pad its tokenizer pads with (tokenizer.
+    ensure_pad_token), else its EOS: transformers refuses padded batches for sequence classification without
+    one, and generate() warns and guesses. The generation config is kept in step."""
+    if model.config.pad_token_id is not None:
+        return model
+    pad = None
+    if Path(folder).is_dir() and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        pad = load_tokenizer(folder).pad_token_id
+    if pad is None:
+        eos = model.config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else eos
+    if pad is None:
+        raise CheckpointError(f"{folder}: the model config has neither pad_token_id nor eos_token_id")
+    model.config.pad_token_id = pad
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = pad
+    return model
 
 
 def _with_adapter(model, folder: str, merge: bool):

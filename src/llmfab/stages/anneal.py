@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from llmfab.data.options import DataOptions
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.merge import average_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -18,7 +19,7 @@ def _anneal_train() -> TrainConfig:
     return TrainConfig(optim=OptimConfig(schedule="linear", warmup_steps=0, lr=3e-4))
 
 
-class AnnealConfig(CausalLMConfig, StageConfig):  # pretrain's fields, seed first (see PretrainConfig)
+class AnnealConfig(CausalLMConfig, DataOptions, StageConfig):  # pretrain's fields, seed first (see PretrainConfig)
     train: TrainConfig = Field(default_factory=_anneal_train)
     average_last: int = Field(3, ge=1, description="checkpoints (evenly spaced, ending at the last step) averaged")
 

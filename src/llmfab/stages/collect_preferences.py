@@ -17,17 +17,19 @@ from pydantic import Field
 
 from llmfab.config.recipe import as_refs
 from llmfab.data.io import read_dataset, write_dataset
+from llmfab.data.options import DataOptions
 from llmfab.data.tasks import TASKS
 from llmfab.errors import ConfigError, DataError
 from llmfab.evaluation.gold import score_gold
 from llmfab.generation import SamplingConfig
-from llmfab.models import load_model, load_tokenizer
+from llmfab.models import load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.distributed import training_device
 from llmfab.train.pairs import best_and_worst, reward_scores
+from llmfab.train.reward_inputs import load_reward_model, scoring_tokenizer
 
 
-class CollectPreferencesConfig(StageConfig, SamplingConfig):
+class CollectPreferencesConfig(StageConfig, SamplingConfig, DataOptions):
     annotator: Literal["verifier", "reward_model"] = "verifier"
     min_gap: float = Field(0.0, ge=0, description="keep a pair only when best - worst score exceeds this")
     held_out: float = Field(0.1, ge=0, lt=1, description="fraction of pairs in the test split")
@@ -50,7 +52,7 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
     models = as_refs(inputs["models"])
     if config.annotator == "reward_model" and "reward_model" not in inputs:
         raise ConfigError("collect_preferences: annotator=reward_model needs a `reward_model` input")
-    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
+    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts, options=config)
     if config.annotator == "verifier":
         prompts = [r for r in prompts if r.get("task") in TASKS]
     if not prompts:
@@ -68,8 +70,9 @@ def run(config: CollectPreferencesConfig, inputs: dict, ctx: StageContext) -> di
     if config.annotator == "verifier":
         scores = score_gold([prompts[i] for i, _ in flat], [a for _, a in flat])
     else:
-        rm = load_model(inputs["reward_model"], kind="reward").eval().to(training_device())  # a GPU if there is one
-        scores = reward_scores(rm, tokenizer, [texts[i] for i, _ in flat], [a for _, a in flat]).tolist()
+        rm = load_reward_model(inputs["reward_model"], tokenizer).eval().to(training_device())  # a GPU if any
+        rm_tokenizer = scoring_tokenizer(rm, tokenizer)
+        scores = reward_scores(rm, rm_tokenizer, [texts[i] for i, _ in flat], [a for _, a in flat]).tolist()
     by_prompt: dict[int, list[tuple[str, float]]] = {}
     for (i, answer), score in zip(flat, scores, strict=True):
         by_prompt.setdefault(i, []).append((answer, score))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from llmfab.data.options import DataOptions
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.models import load_model, load_tokenizer
 from llmfab.models.checkpoints import resolve_ref
@@ -14,7 +15,7 @@ from llmfab.train.lm import eval_lm_loss
 from llmfab.train.sft_data import held_out_rows
 
 
-class CompressConfig(StageConfig, PalettizeConfig):
+class CompressConfig(StageConfig, PalettizeConfig, DataOptions):
     max_len: int = Field(256, gt=1, description="data: tokens per packed held-out row")
     eval_batch_size: int = Field(8, gt=0, description="data: rows per held-out loss batch")
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
@@ -48,8 +49,10 @@ def run(config: CompressConfig, inputs: dict[str, str], ctx: StageContext) -> di
 
     # Quality, when asked for: the float model against the checkpoint as written (load_model dequantizes
     # it), so the numbers are those of what a later stage loads.
-    held_out = held_out_rows(tokenizer, inputs["data"], config.max_len) if "data" in inputs else None
-    records = eval_records(config.eval, inputs, ("data", "chat")) if {"data", "eval_prompts"} & set(inputs) else []
+    held_out = held_out_rows(tokenizer, inputs["data"], config.max_len, options=config) if "data" in inputs else None
+    records = (
+        eval_records(config.eval, inputs, ("data", "chat"), config) if {"data", "eval_prompts"} & set(inputs) else []
+    )
     if held_out is None and not records:
         return {"model": uri}
     for suffix, m in (("_float", model), ("", load_model(uri))):

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd
 from llmfab.models import init_model, load_model, load_tokenizer, save_model
@@ -17,7 +18,7 @@ from llmfab.train.lm import target_tokens, token_nll_sum
 from llmfab.train.trainer import SummedLoss
 
 
-class DistillConfig(CausalLMConfig, StageConfig):  # pretrain's fields, seed first (see PretrainConfig)
+class DistillConfig(CausalLMConfig, DataOptions, StageConfig):  # pretrain's fields, seed first (see PretrainConfig)
     """Student pretraining on a teacher's next-token distribution."""
 
     loss: Literal["kl", "afm_top1"] = Field(

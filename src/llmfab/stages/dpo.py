@@ -7,6 +7,7 @@ import torch
 from pydantic import Field
 
 from llmfab.data.io import read_dataset
+from llmfab.data.options import DataOptions
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -17,7 +18,7 @@ from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps
 from llmfab.train.trainer import Trainer
 
 
-class DPOConfig(StageConfig, DPOLossConfig):
+class DPOConfig(StageConfig, DPOLossConfig, DataOptions):
     max_len: int = Field(256, gt=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
@@ -38,8 +39,15 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     """Offline DPO (sigmoid, sequence-summed log-probs), Llama 3.1 variant and OnDARE optional."""
     tokenizer = load_tokenizer(inputs["model"])
     model = load_model(inputs["model"])
-    train = read_dataset(inputs["data"], "preference", "train")
-    rows = encode_pairs(tokenizer, train, config.max_len, mask_formatting=config.mask_formatting, where=inputs["data"])
+    train = read_dataset(inputs["data"], "preference", "train", options=config)
+    rows = encode_pairs(
+        tokenizer,
+        train,
+        config.max_len,
+        mask_formatting=config.mask_formatting,
+        where=inputs["data"],
+        num_proc=config.num_proc,
+    )
     order = torch.randperm(len(rows["chosen_ids"]), generator=torch.Generator().manual_seed(config.seed))
     tc = config.train
     # The seed sets the data order; batches are consecutive slices of it, so a run of S steps reads only
@@ -50,7 +58,7 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     rows["ref_chosen"], rows["ref_rejected"] = reference_logps(reference, rows, tc.batch_size, tc.precision)
     del reference
     ctx.log_params({"train_pairs": len(order), "train_pairs_used": used})
-    records = eval_records(config.eval, inputs, ("data", "preference"))
+    records = eval_records(config.eval, inputs, ("data", "preference"), config)
     log_gold_eval(model, tokenizer, records, config.eval, ctx, "_before")
     trainer = Trainer(
         model,

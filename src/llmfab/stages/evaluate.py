@@ -11,6 +11,7 @@ import logging
 
 from pydantic import Field
 
+from llmfab.data.options import DataOptions
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import task_prompts
 from llmfab.evaluation.measures import greedy_gold_reward, heldout_perplexity, needle_retrieval, sampled_comparison
@@ -18,6 +19,7 @@ from llmfab.evaluation.report import Report
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.distributed import training_device
+from llmfab.train.reward_inputs import load_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ SAMPLED = {  # metric -> the inputs it needs besides prompts
 }
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(DataOptions, StageConfig):
     prompts: int = Field(64, ge=0, description="held-out task prompts answered greedily for the gold reward (0: off)")
     heldout_conversations: int = Field(256, ge=0, description="test conversations for held-out loss (0: off)")
     max_len: int | None = Field(
@@ -53,10 +55,12 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(16, gt=0)
 
 
-def _prompt_records(inputs: dict[str, str], limit: int, gold_only: bool) -> tuple[list[dict], str]:
+def _prompt_records(
+    inputs: dict[str, str], limit: int, gold_only: bool, options: DataOptions
+) -> tuple[list[dict], str]:
     """Test-split prompts of `prompts`, else the last user turns of `data`'s test conversations."""
     name, kind = ("prompts", "prompt") if "prompts" in inputs else ("data", "chat")
-    return task_prompts(inputs[name], kind, "test", limit, gold_only=gold_only), f"{name} test split"
+    return task_prompts(inputs[name], kind, "test", limit, gold_only=gold_only, options=options), f"{name} test split"
 
 
 def _why_not(missing_input: str, count: int, field: str) -> str:
@@ -99,6 +103,7 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
                 max_len=config.max_len or min(context, 2048),
                 conversations=config.heldout_conversations,
                 batch_size=config.batch_size,
+                options=config,
             )
             report.add(heldout.metrics, heldout.on, heldout.n)
         except DataError as e:
@@ -108,7 +113,7 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
         report.skip(GOLD, why)
     else:
         try:
-            records, on = _prompt_records(inputs, config.prompts, gold_only=True)
+            records, on = _prompt_records(inputs, config.prompts, gold_only=True, options=config)
         except DataError as e:
             report.skip(GOLD, str(e))
         else:
@@ -135,13 +140,13 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
     reward_model = reference = None
     if wanted:
         if "reward_model" in inputs:
-            reward_model = load_model(inputs["reward_model"], kind="reward", device=device).eval()
+            reward_model = load_reward_model(inputs["reward_model"], tokenizer, device=device).eval()
         if "reference" in inputs:
             if load_tokenizer(inputs["reference"]).get_vocab() != tokenizer.get_vocab():
                 raise DataError(f"reference {inputs['reference']} has a different tokenizer than {inputs['model']}")
             reference = load_model(inputs["reference"], device=device).eval()
         try:
-            records, on = _prompt_records(inputs, config.sample_prompts, gold_only=False)
+            records, on = _prompt_records(inputs, config.sample_prompts, gold_only=False, options=config)
         except DataError as e:
             report.skip(wanted, str(e))
         else:

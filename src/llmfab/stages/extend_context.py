@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, LlmfabError
 from llmfab.evaluation.long_context import (
     continuous_rows,
@@ -34,7 +35,7 @@ class GateError(LlmfabError):
     """A staged extension did not pass its needle check; the last trained stage's checkpoints are kept."""
 
 
-class ExtendContextConfig(StageConfig):
+class ExtendContextConfig(DataOptions, StageConfig):
     seq_len: int = Field(gt=1, description="the new context length (the last stage's)")
     stages: list[int] | None = Field(None, description="Llama: increasing lengths, ending at seq_len")
     base_seq_len: int | None = Field(None, gt=1, description="the old length [default: the model's max positions]")
@@ -129,7 +130,7 @@ def run(config: ExtendContextConfig, inputs: dict[str, str], ctx: StageContext) 
     base = load_model(inputs["model"])
     old_len = config.base_seq_len or base.config.max_position_embeddings
     lengths = {"old": old_len, "new": config.seq_len}
-    train_by_source, held_by_source = corpus_splits(inputs["corpus"], tokenizer)
+    train_by_source, held_by_source = corpus_splits(inputs["corpus"], tokenizer, options=config)
     train_docs = [d for docs in train_by_source.values() for d in docs]
     held_out = [d for docs in held_by_source.values() for d in docs]
     random.Random(config.seed).shuffle(train_docs)

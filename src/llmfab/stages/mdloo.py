@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from llmfab.data.options import DataOptions
 from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval
 from llmfab.losses.rl import masked_entropy, mirror_descent_loss
 from llmfab.models import save_model
@@ -27,7 +28,7 @@ from llmfab.train.rollouts import (
 from llmfab.train.trainer import Trainer
 
 
-class MDLOOConfig(StageConfig, RolloutConfig):
+class MDLOOConfig(StageConfig, RolloutConfig, DataOptions):
     inner_steps: int = Field(4, gt=0, description="optimizer steps per rollout; train.max_steps / inner_steps rollouts")
     mirror_kl: float = Field(1.0, ge=0, description="1/t_k: weight of KL(π_θ‖π_k) in each iteration's objective")
     train: TrainConfig = Field(default_factory=TrainConfig)

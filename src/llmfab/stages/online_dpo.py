@@ -12,6 +12,8 @@ import torch
 from pydantic import Field, model_validator
 
 from llmfab.data.chat import formatting_mask
+from llmfab.data.options import DataOptions
+from llmfab.data.schemas import last_text
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval, score_gold
 from llmfab.generation import Samples, sample_policy
@@ -27,7 +29,7 @@ from llmfab.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-class OnlineDPOConfig(StageConfig, DPOLossConfig):
+class OnlineDPOConfig(StageConfig, DPOLossConfig, DataOptions):
     max_len: int = Field(256, gt=1)
     episodes: int = Field(4, gt=0, description="sample-score-train rounds; train.max_steps is split evenly over them")
     prompts_per_episode: int = Field(64, gt=0)
@@ -147,7 +149,8 @@ class Episodes:
         seed = cfg.seed * 7919 + episode
         samples = self.sample(batch, seed)
         finished = torch.tensor(samples.finished, dtype=torch.float32)
-        scores = sample_scores(self.rm, self.tok, samples)
+        prompts = [batch[j // n]["prompt"] for j in range(len(samples.texts))]
+        scores = sample_scores(self.rm, self.tok, samples, prompts=prompts)
         ranked = scores - cfg.missing_eos_penalty * (1 - finished)
         pairs = self.fitting(samples, pick_pairs(samples, ranked, n, cfg, random.Random(seed)))
         if not pairs:
@@ -185,7 +188,7 @@ class Episodes:
             shown = pairs[:32]
             self.ctx.log_table(
                 {
-                    "prompt": [batch[c // n]["prompt"][-200:] for c, _ in shown],
+                    "prompt": [last_text(batch[c // n]["prompt"])[-200:] for c, _ in shown],
                     "chosen": [samples.texts[c] for c, _ in shown],
                     "rejected": [samples.texts[r] for _, r in shown],
                 },

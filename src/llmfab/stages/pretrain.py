@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from llmfab.data.options import DataOptions
 from llmfab.models import init_model, load_tokenizer, save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.causal_lm import CausalLMConfig, packed_corpus, train_causal_lm
 
 
 # StageConfig last: pydantic collects fields from the last base first, so `seed` stays the first field.
-class PretrainConfig(CausalLMConfig, StageConfig):
+class PretrainConfig(CausalLMConfig, DataOptions, StageConfig):
     pass
 
 

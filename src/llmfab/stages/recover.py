@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 
 from llmfab.config.base import StrictModel
+from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.models import count_parameters, load_model, load_tokenizer
@@ -39,7 +40,7 @@ class LoraSettings(StrictModel):
     )
 
 
-class RecoverConfig(StageConfig):
+class RecoverConfig(DataOptions, StageConfig):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     max_len: int = Field(256, gt=1, description="tokens per packed row; longer conversations are dropped")
     max_examples: int | None = Field(None, gt=0, description="train on the first N conversations (a slice)")
@@ -85,8 +86,10 @@ def run(config: RecoverConfig, inputs: dict[str, str], ctx: StageContext) -> dic
         raise ConfigError("recover: teacher_weight > 0 needs the `float_model` input")
     tokenizer = load_tokenizer(inputs["model"])
     tc = config.train
-    data = load_sft_rows(tokenizer, inputs["data"], config.max_len, max_examples=config.max_examples, seed=config.seed)
-    records = eval_records(config.eval, inputs, ("data", "chat"))
+    data = load_sft_rows(
+        tokenizer, inputs["data"], config.max_len, max_examples=config.max_examples, seed=config.seed, options=config
+    )
+    records = eval_records(config.eval, inputs, ("data", "chat"), config)
     ctx.log_params(data.params())
     results: dict[str, dict[str, float | None]] = {}
 

@@ -12,13 +12,16 @@ from pydantic import Field
 
 from llmfab.config.recipe import as_refs
 from llmfab.data.io import read_dataset, write_dataset
+from llmfab.data.options import DataOptions
+from llmfab.data.schemas import as_messages
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import score_gold
 from llmfab.generation import SamplingConfig
-from llmfab.models import load_model, load_tokenizer
+from llmfab.models import load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.distributed import training_device
 from llmfab.train.pairs import reward_scores
+from llmfab.train.reward_inputs import load_reward_model, scoring_tokenizer
 from llmfab.train.sft import FineTuneConfig, fine_tune
 
 
@@ -27,7 +30,7 @@ class KeptAnswersSFTConfig(FineTuneConfig, StageConfig):
     pass
 
 
-class RejectionSamplingConfig(StageConfig, SamplingConfig):
+class RejectionSamplingConfig(StageConfig, SamplingConfig, DataOptions):
     min_score: float | None = Field(None, description="drop prompts whose best answer scores below this")
     keep_top: float = Field(
         1.0, gt=0, le=1, description="keep only this fraction of prompts, those whose best answer scores highest"
@@ -56,17 +59,18 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     """Best-of-K by the reward model (over one model or a committee), then SFT on the winners."""
     samplers = [inputs["model"], *as_refs(inputs.get("committee", []))]
     tokenizer = load_tokenizer(inputs["model"])
-    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts)
+    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=config.max_prompts, options=config)
     if not prompts:
         raise DataError(f"{inputs['prompts']}: no training prompts")
     texts = [r["prompt"] for r in prompts]
     # (answer, sampler index) per prompt
     candidates = config.sample_answers(samplers, tokenizer, texts, seed=config.seed * 104_729)
-    reward_model = load_model(inputs["reward_model"], kind="reward").to(training_device())  # a GPU if there is one
+    reward_model = load_reward_model(inputs["reward_model"], tokenizer).to(training_device())  # a GPU if any
     flat = [(i, answer, who) for i, slot in enumerate(candidates) for answer, who in slot]
     if not flat:
         raise DataError("rejection_sampling: no answer kept (every sample was cut off by max_new_tokens)")
-    scores = reward_scores(reward_model, tokenizer, [texts[i] for i, _, _ in flat], [a for _, a, _ in flat])
+    rm_tokenizer = scoring_tokenizer(reward_model, tokenizer)
+    scores = reward_scores(reward_model, rm_tokenizer, [texts[i] for i, _, _ in flat], [a for _, a, _ in flat])
     del reward_model  # its (GPU) memory goes back before the fine-tuning below
     best: dict[int, tuple[float, str, int]] = {}
     for (i, answer, who), score in zip(flat, scores.tolist(), strict=True):
@@ -98,7 +102,7 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
 
     records = [
         {
-            "messages": [{"role": "user", "content": texts[i]}, {"role": "assistant", "content": answer}],
+            "messages": [*as_messages(texts[i], "user"), {"role": "assistant", "content": answer}],
             "task": prompts[i].get("task"),
             "meta": {**(prompts[i].get("meta") or {}), "rm_score": score, "sampler": who},
         }
@@ -106,8 +110,8 @@ def run(config: RejectionSamplingConfig, inputs: dict, ctx: StageContext) -> dic
     ]
     ctx.log_table(
         {
-            "prompt": [r["messages"][0]["content"][-200:] for r in records[:32]],
-            "kept": [r["messages"][1]["content"] for r in records[:32]],
+            "prompt": [r["messages"][-2]["content"][-200:] for r in records[:32]],
+            "kept": [r["messages"][-1]["content"] for r in records[:32]],
             "rm_score": [r["meta"]["rm_score"] for r in records[:32]],
             "sampler": [r["meta"]["sampler"] for r in records[:32]],
         },

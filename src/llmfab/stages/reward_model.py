@@ -11,6 +11,7 @@ import torch
 from pydantic import Field
 
 from llmfab.data.io import read_dataset
+from llmfab.data.options import DataOptions
 from llmfab.errors import DataError
 from llmfab.losses.preference import bradley_terry_loss
 from llmfab.models import load_model, load_tokenizer, save_model
@@ -25,7 +26,7 @@ from llmfab.train.trainer import Trainer
 LLAMA2_LEVEL_MARGINS = (1.0, 2 / 3, 1 / 3, 0.0)
 
 
-class RewardModelConfig(StageConfig):
+class RewardModelConfig(DataOptions, StageConfig):
     max_len: int = Field(256, gt=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     margin: Literal["none", "record", "level"] = Field(
@@ -88,18 +89,25 @@ def _with_margins(records: list[dict], config: RewardModelConfig) -> list[dict]:
 def run(config: RewardModelConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Bradley–Terry reward model with margins, weak-pair dropping, soft labels and WARM."""
     tokenizer = load_tokenizer(inputs["init"])
-    train = [r for r in read_dataset(inputs["data"], "preference", "train") if r.get("level") not in config.drop_levels]
+    train = [
+        r
+        for r in read_dataset(inputs["data"], "preference", "train", options=config)
+        if r.get("level") not in config.drop_levels
+    ]
     if not train:
         raise DataError(f"{inputs['data']}: no training pairs left after dropping levels {config.drop_levels}")
-    test = read_dataset(inputs["data"], "preference", "test", limit=config.eval_pairs)
+    test = read_dataset(inputs["data"], "preference", "test", limit=config.eval_pairs, options=config)
     rows = encode_pairs(
         tokenizer,
         _with_margins(train, config),
         config.max_len,
         level_labels=AFM_LEVEL_LABELS if config.soft_labels else None,
         where=inputs["data"],
+        num_proc=config.num_proc,
     )
-    test_rows = encode_pairs(tokenizer, test, config.max_len, where=f"{inputs['data']} (test)")
+    test_rows = encode_pairs(
+        tokenizer, test, config.max_len, where=f"{inputs['data']} (test)", num_proc=config.num_proc
+    )
     levels = [r.get("level") for r in test]
     if len(levels) != len(test_rows["chosen_ids"]):
         levels = [None] * len(test_rows["chosen_ids"])  # some were too long: per-level counts would misalign

@@ -17,6 +17,7 @@ import random
 
 from pydantic import Field, model_validator
 
+from llmfab.data.options import DataOptions
 from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval
 from llmfab.losses.rl import masked_entropy, reinforce_loss
 from llmfab.models import load_model, save_model
@@ -37,7 +38,7 @@ from llmfab.train.rollouts import (
 from llmfab.train.trainer import Trainer
 
 
-class WARPConfig(StageConfig, RolloutConfig):
+class WARPConfig(StageConfig, RolloutConfig, DataOptions):
     runs: int = Field(2, ge=2, description="M: REINFORCE runs per iteration, differing only in data order")
     iterations: int = Field(1, ge=1, description="I: the LITI model of one iteration is the next one's init")
     ema_decay: float = Field(0.01, gt=0, le=1, description="μ: θ_ema ← (1−μ)θ_ema + μθ every rollout")

@@ -7,8 +7,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmfab.errors import LlmfabError
+from llmfab.hub import is_hub_uri, parse_hub_uri, snapshot
 from llmfab.stages.base import StageConfig, StageContext, get_stage
 from llmfab.storage import ObjectStore, open_store
 from llmfab.storage.content import DATA, content_hash
@@ -107,13 +109,23 @@ TEST_INPUTS = ("eval_prompts",)  # inputs read for measuring, not training; eval
 NOT_DATASETS = ("report", "registration")  # records the stage reads, not data it learns from or measures on
 
 
+DATA_INPUTS = ("data", "prompts", "corpus", "eval_prompts", "extra", "long_data")  # a plain hf:// here is a dataset
+
+
 def log_datasets(run, stage: str, inputs: dict[str, str | list[str]]) -> None:
-    """Every dataset among the inputs as an MLflow run input: its store URI, its content's sha256, train or test."""
+    """Every dataset among the inputs as an MLflow run input: its store URI and its content's sha256 (a hub dataset:
+    its hf:// URI and the commit it resolved to), train or test."""
     for name, refs in inputs.items():
+        context = "test" if stage == "evaluate" or name in TEST_INPUTS else "train"
         for uri in [refs] if isinstance(refs, str) else refs:
+            if is_hub_uri(uri):
+                repo_type = parse_hub_uri(uri).repo_type
+                if repo_type == "dataset" or (repo_type is None and name in DATA_INPUTS):
+                    # The stage reads this snapshot next: resolving it here costs nothing more.
+                    run.log_dataset(name, uri, Path(snapshot(uri, "dataset")).name, context, source_type="hf")
+                continue
             kind, digest = content_hash(uri) if name not in NOT_DATASETS else (None, None)
             if kind == DATA and digest:
-                context = "test" if stage == "evaluate" or name in TEST_INPUTS else "train"
                 run.log_dataset(name, uri, digest, context)
 
 

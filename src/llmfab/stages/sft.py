@@ -3,12 +3,13 @@ distilled from a teacher (Gemma 2): on the data's responses, or on-policy on the
 
 from __future__ import annotations
 
+from llmfab.data.options import DataOptions
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.sft import FineTuneConfig, fine_tune
 
 
 # StageConfig last: pydantic collects fields from the last base first, so `seed` stays the first field.
-class SFTConfig(FineTuneConfig, StageConfig):
+class SFTConfig(FineTuneConfig, DataOptions, StageConfig):
     pass
 
 

@@ -8,6 +8,7 @@ import random
 from pydantic import Field
 
 from llmfab.data.io import iter_records, write_dataset
+from llmfab.data.options import DataOptions
 from llmfab.data.tasks import WORDS
 from llmfab.data.testbed import split
 from llmfab.errors import DataError
@@ -16,7 +17,7 @@ from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 
 
-class SynthesizeTextConfig(StageConfig):
+class SynthesizeTextConfig(DataOptions, StageConfig):
     n_docs: int = Field(200, gt=0)
     prompt_chars: int = Field(80, gt=0, description="a corpus document's opening used as the prompt")
     max_new_tokens: int = Field(128, gt=0)
@@ -41,7 +42,7 @@ def keep_generation(tokenizer, text: str, config: SynthesizeTextConfig) -> bool:
 def synthesize_text(config: SynthesizeTextConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Model-written pre-training text, filtered for length, repetition and duplicates."""
     model, tokenizer = load_model(inputs["model"]), load_tokenizer(inputs["model"])
-    openings = [r["text"][: config.prompt_chars] for r in iter_records(inputs["corpus"], "text", "train")]
+    openings = [r["text"][: config.prompt_chars] for r in iter_records(inputs["corpus"], "text", "train", config)]
     rng = random.Random(config.seed)
     prompts = [rng.choice(openings) for _ in range(config.n_docs)]
     completions = generate(
@@ -74,7 +75,7 @@ def synthesize_text(config: SynthesizeTextConfig, inputs: dict[str, str], ctx: S
     }
 
 
-class LongQAConfig(StageConfig):
+class LongQAConfig(DataOptions, StageConfig):
     n_docs: int = Field(200, gt=0)
     doc_chars: int = Field(2000, gt=0, description="length of each haystack document in characters")
     facts_per_doc: int = Field(3, gt=0)
@@ -109,7 +110,7 @@ def plant_facts(filler: list[str], n_chars: int, n_facts: int, rng: random.Rando
 )
 def synthesize_long_qa(config: LongQAConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Long-context Q&A: facts planted at random depths of long documents, with questions."""
-    filler = [r["text"] for r in iter_records(inputs["corpus"], "text", "train") if r["source"] == "prose"]
+    filler = [r["text"] for r in iter_records(inputs["corpus"], "text", "train", config) if r["source"] == "prose"]
     if not filler:
         raise DataError(f"{inputs['corpus']}: no records with source 'prose' to build documents from")
     rng = random.Random(config.seed)

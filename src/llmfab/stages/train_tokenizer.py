@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from llmfab.config.base import StrictModel
 from llmfab.data import multilingual
 from llmfab.data.io import iter_records
+from llmfab.data.options import DataOptions
 from llmfab.errors import DataError
 from llmfab.evaluation import tokenizer_report as report
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -45,7 +46,7 @@ class ReportConfig(StrictModel):
         return self
 
 
-class TokenizerConfig(StageConfig):
+class TokenizerConfig(DataOptions, StageConfig):
     source: Literal["train", "adopt"] = Field("train", description="train a byte-level BPE, or adopt `path`")
     path: str | None = Field(None, description="adopt: a hub id, a local folder or a store URI")
     chat_format: Literal["chatml", "llama3", "gemma"] | None = Field(
@@ -122,7 +123,7 @@ def run(config: TokenizerConfig, inputs: dict[str, str], ctx: StageContext) -> d
     limit = config.max_chars
     if config.source == "adopt" and limit is None:  # read only what the report's sweep and chars_per_token use
         limit = max(100_000, config.report.corpus_chars if config.report else 0)
-    records = ctx.progress(iter_records(inputs["corpus"], "text", "train"), desc="read corpus")
+    records = ctx.progress(iter_records(inputs["corpus"], "text", "train", config), desc="read corpus")
     corpus = _first_chars((r["text"] for r in records), limit)
     if config.source == "train":
         if not corpus:

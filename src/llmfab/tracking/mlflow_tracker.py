@@ -131,12 +131,12 @@ class TrackedRun:
         """Record where an output lives in the object store (links, not copies)."""
         self.set_tags({f"llmfab.output.{name}": uri})
 
-    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
+    def log_dataset(self, name: str, source: str, digest: str, context: str, source_type: str = "llmfab-store") -> None:
         """A dataset the run read, as an MLflow run input (the UI's Datasets column): its store URI as the source,
         its content's sha256 as the digest (MLflow shows 8 characters), `context` train or test."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        dataset = Dataset(name=name, digest=digest[:36], source_type="llmfab-store", source=json.dumps({"uri": source}))
+        dataset = Dataset(name=name, digest=digest[:36], source_type=source_type, source=json.dumps({"uri": source}))
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
 

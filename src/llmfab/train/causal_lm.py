@@ -7,6 +7,7 @@ from pydantic import Field
 
 from llmfab.config.base import StrictModel
 from llmfab.config.model import ModelConfig
+from llmfab.data.options import DataOptions
 from llmfab.train.config import TrainConfig
 from llmfab.train.context import RunContext
 from llmfab.train.lm import PackedCorpus, lm_loss
@@ -36,6 +37,7 @@ def packed_corpus(config: CausalLMConfig, corpus_uri: str | list[str], tokenizer
         sources=config.sources,
         eval_rows=config.eval_rows,
         seed=seed,
+        options=config if isinstance(config, DataOptions) else None,  # the stage's data fields
     )
 
 

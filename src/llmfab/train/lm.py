@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfab.data.io import iter_records
+from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, NoSplitError
 from llmfab.tracking import timing
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
@@ -27,11 +28,18 @@ def tokenize_texts(tokenizer, texts: list[str], batch: int = 256) -> list[list[i
     return out
 
 
-def load_corpus(uris: str | list[str], tokenizer, split: str, sources: list[str] | None = None):
-    """Tokenised documents of one or more text datasets, grouped by `source` (the mixture component)."""
+def load_corpus(
+    uris: str | list[str],
+    tokenizer,
+    split: str,
+    sources: list[str] | None = None,
+    options: DataOptions | None = None,
+):
+    """Tokenised documents of one or more text datasets, grouped by `source` (the mixture component).
+    With `options`, `split` is a role (see data.options)."""
     texts: dict[str, list[str]] = {}
     for uri in [uris] if isinstance(uris, str) else uris:
-        for record in iter_records(uri, "text", split):
+        for record in iter_records(uri, "text", split, options):
             if sources is None or record["source"] in sources:
                 texts.setdefault(record["source"], []).append(record["text"])
     return {src: tokenize_texts(tokenizer, docs) for src, docs in sorted(texts.items())}
@@ -94,16 +102,25 @@ def pack_eval(docs_by_source: dict[str, list[list[int]]], seq_len: int, pad_id: 
     return {k: v[:max_rows] for k, v in packed.items()}
 
 
-def corpus_splits(uris: str | list[str], tokenizer, sources: list[str] | None = None, eval_fraction: float = 0.05):
-    """(train, held-out) documents by source. A dataset without a 'test' split (one file, say)
-    gives the first `eval_fraction` of its documents per source to held-out instead."""
+def corpus_splits(
+    uris: str | list[str],
+    tokenizer,
+    sources: list[str] | None = None,
+    eval_fraction: float = 0.05,
+    options: DataOptions | None = None,
+):
+    """(train, held-out) documents by source. With `options`, their splits and held-out share (see
+    data.options); without, a dataset lacking a 'test' split (one file, say) gives the first
+    `eval_fraction` of its documents per source to held-out instead."""
     train: dict[str, list[list[int]]] = {}
     test: dict[str, list[list[int]]] = {}
     for uri in [uris] if isinstance(uris, str) else uris:
-        own_train = load_corpus(uri, tokenizer, "train", sources)
+        own_train = load_corpus(uri, tokenizer, "train", sources, options)
         try:
-            own_test = load_corpus(uri, tokenizer, "test", sources)
+            own_test = load_corpus(uri, tokenizer, "test", sources, options)
         except NoSplitError:
+            if options is not None:
+                raise  # the options held out what they could: test_size=0 and no test split
             log.warning("%s has no test split: holding out %.0f%% of its documents", uri, 100 * eval_fraction)
             own_test = {}
             for src, docs in own_train.items():
@@ -139,13 +156,14 @@ class PackedCorpus:
         sources: list[str] | None,
         eval_rows: int,
         seed: int,
+        options: DataOptions | None = None,
     ):
         from llmfab.train.distributed import micro_batches_per_step
 
         # Every rank builds the same rows; each takes its own micro-batches of every step.
         self.batch_size, self.per_step = batch_size, micro_batches_per_step(grad_accum)
         rows_needed = max_steps * self.per_step * batch_size
-        train_docs, test_docs = corpus_splits(corpus_uri, tokenizer, sources)
+        train_docs, test_docs = corpus_splits(corpus_uri, tokenizer, sources, options=options)
         if not any(train_docs.values()):
             names = corpus_uri if isinstance(corpus_uri, str) else ", ".join(corpus_uri)
             only = f" of sources {', '.join(sources)}" if sources else ""

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 
 import torch
 
-from llmfab.data.chat import encode_response, formatting_mask
+from llmfab.data.chat import encode_chat, encode_response, formatting_mask
+from llmfab.data.schemas import as_messages
+from llmfab.data.tokenized import map_encode
 from llmfab.errors import DataError
 from llmfab.tracking import timing
 from llmfab.train.lm import step_batch
@@ -35,6 +38,30 @@ def pad_right(seqs: list[list[int]], value: int, length: int | None = None) -> t
     return torch.tensor([s + [value] * (length - len(s)) for s in seqs], dtype=torch.long)
 
 
+def encode_exchange(tokenizer, prompt: str | list[dict], response: str | list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a prompt (text or messages) answered by a response (text or assistant messages), mask 1 on
+    the response only, earlier assistant turns of a conversational prompt included. Text and text: encode_response."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return encode_response(tokenizer, prompt, response)
+    before = as_messages(prompt, "user")
+    rendered = tokenizer.apply_chat_template(before, tokenize=True, return_dict=True, add_generation_prompt=True)
+    n = len(rendered["input_ids"])
+    ids, mask = encode_chat(tokenizer, [*before, *as_messages(response, "assistant")])
+    if ids[:n] != list(rendered["input_ids"]):
+        raise DataError("chat template renders the prompt differently inside the full conversation")
+    return ids, [0] * n + mask[n:]
+
+
+def _encode_pair(tokenizer, mask_formatting: bool, rec: dict) -> dict[str, list[int]]:
+    c_ids, c_mask = encode_exchange(tokenizer, rec["prompt"], rec["chosen"])
+    r_ids, r_mask = encode_exchange(tokenizer, rec["prompt"], rec["rejected"])
+    c_full = c_mask
+    if mask_formatting:
+        c_mask = [m * (1 - f) for m, f in zip(c_mask, formatting_mask(tokenizer, c_ids), strict=True)]
+        r_mask = [m * (1 - f) for m, f in zip(r_mask, formatting_mask(tokenizer, r_ids), strict=True)]
+    return {"c_ids": c_ids, "c_mask": c_mask, "c_full": c_full, "r_ids": r_ids, "r_mask": r_mask}
+
+
 def encode_pairs(
     tokenizer,
     records: list[dict],
@@ -43,25 +70,22 @@ def encode_pairs(
     mask_formatting: bool = False,
     level_labels: tuple[float, ...] | None = None,
     where: str = "preferences",
+    num_proc: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Tensors per pair: chosen/rejected ids, response masks (formatting tokens excluded
-    when `mask_formatting`) and lengths, the full chosen response mask (for NLL), margin and soft label."""
-    cols: dict[str, list] = {k: [] for k in ("c_ids", "c_mask", "c_full", "r_ids", "r_mask", "margin", "label")}
+    when `mask_formatting`) and lengths, the full chosen response mask (for NLL), margin and soft label.
+    Tokenized with Dataset.map over `num_proc` processes."""
+    keys = ("c_ids", "c_mask", "c_full", "r_ids", "r_mask")
+    cols: dict[str, list] = {k: [] for k in (*keys, "margin", "label")}
+    sides = [{k: rec[k] for k in ("prompt", "chosen", "rejected")} for rec in records]
+    encoded = map_encode(sides, partial(_encode_pair, tokenizer, mask_formatting), num_proc, desc="tokenize pairs")
     dropped = 0
-    for rec in records:
-        c_ids, c_mask = encode_response(tokenizer, rec["prompt"], rec["chosen"])
-        r_ids, r_mask = encode_response(tokenizer, rec["prompt"], rec["rejected"])
-        if max(len(c_ids), len(r_ids)) > max_len:
+    for i, rec in enumerate(records):
+        if max(len(encoded["c_ids"][i]), len(encoded["r_ids"][i])) > max_len:
             dropped += 1
             continue
-        cols["c_full"].append(c_mask)
-        if mask_formatting:
-            c_mask = [m * (1 - f) for m, f in zip(c_mask, formatting_mask(tokenizer, c_ids), strict=True)]
-            r_mask = [m * (1 - f) for m, f in zip(r_mask, formatting_mask(tokenizer, r_ids), strict=True)]
-        cols["c_ids"].append(c_ids)
-        cols["c_mask"].append(c_mask)
-        cols["r_ids"].append(r_ids)
-        cols["r_mask"].append(r_mask)
+        for k in keys:
+            cols[k].append(encoded[k][i])
         cols["margin"].append(float(rec.get("margin") or 0.0))
         level = rec.get("level")
         cols["label"].append(level_labels[level] if level_labels is not None and level is not None else 1.0)
@@ -156,9 +180,9 @@ def reference_logps(
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32):
-    """The reward model's scalar score of each (prompt, response)."""
-    encoded = [encode_response(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True)]
+def reward_scores(reward_model, tokenizer, prompts: list, responses: list[str], batch_size: int = 32):
+    """The reward model's scalar score of each (prompt, response); a prompt is text or messages."""
+    encoded = [encode_exchange(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True)]
     return reward_scores_of_ids(reward_model, encoded, tokenizer.pad_token_id, batch_size)
 
 

@@ -15,6 +15,7 @@ from llmfab.errors import DataError
 from llmfab.evaluation.gold import eval_records
 from llmfab.models import load_model, load_tokenizer
 from llmfab.train.distributed import training_device
+from llmfab.train.reward_inputs import load_reward_model
 from llmfab.train.rollouts import RolloutConfig, heldout_records
 
 
@@ -47,10 +48,12 @@ def load_rl_setup(inputs: dict[str, str], config, *, reference_is_policy_copy: b
         reference = load_model(inputs.get("reference", inputs["model"]))
     reference.eval().requires_grad_(False)
     # The reward model scores every sample: next to the policy (a GPU when there is one).
-    reward_model = load_model(inputs["reward_model"], kind="reward").eval().requires_grad_(False)
+    reward_model = load_reward_model(inputs["reward_model"], tokenizer).eval().requires_grad_(False)
     reward_model.to(training_device())
     rollout = config if isinstance(config, RolloutConfig) else None  # online_dpo has its own sampling config
-    prompts = read_dataset(inputs["prompts"], "prompt", "train", limit=rollout.max_prompts if rollout else None)
+    prompts = read_dataset(
+        inputs["prompts"], "prompt", "train", limit=rollout.max_prompts if rollout else None, options=config
+    )
     if not prompts:
         raise DataError(f"{inputs['prompts']}: no training prompts")
     return RLSetup(
@@ -59,6 +62,6 @@ def load_rl_setup(inputs: dict[str, str], config, *, reference_is_policy_copy: b
         reference=reference,
         reward_model=reward_model,
         prompts=prompts,
-        eval_records=eval_records(config.eval, inputs, ("prompts", "prompt")),
-        held_out=heldout_records(inputs, rollout) if rollout else [],
+        eval_records=eval_records(config.eval, inputs, ("prompts", "prompt"), config),
+        held_out=heldout_records(inputs, rollout, config) if rollout else [],
     )

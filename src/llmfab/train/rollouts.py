@@ -19,6 +19,7 @@ from pydantic import Field
 from llmfab.config.base import StrictModel
 from llmfab.data.chat import encode_response, stop_token_ids
 from llmfab.data.io import read_dataset
+from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, LlmfabError
 from llmfab.evaluation.gold import score_gold
 from llmfab.generation import Samples, sample_policy
@@ -28,6 +29,7 @@ from llmfab.tracking import timing
 from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.lm import step_batch
 from llmfab.train.pairs import pad_right, reward_scores_of_ids
+from llmfab.train.reward_inputs import OWN_TOKENIZER, reencoded
 
 Rows = dict[str, torch.Tensor]
 
@@ -108,10 +110,20 @@ def turn_closing(tokenizer) -> list[int]:
     return ids[last + 1 :]
 
 
-def sample_scores(reward_model, tokenizer, samples: Samples, batch_size: int = 32) -> torch.Tensor:
-    """The reward model's score of each sampled conversation, from the sampled ids (the reward model shares
-    the policy's tokenizer): a finished answer closed as the chat template closes a turn, which is how the
-    reward model saw its training pairs; a cut-off one as it was sampled."""
+def sample_scores(
+    reward_model, tokenizer, samples: Samples, batch_size: int = 32, prompts: list | None = None
+) -> torch.Tensor:
+    """The reward model's score of each sampled conversation, from the sampled ids when the reward model
+    shares the policy's tokenizer: a finished answer closed as the chat template closes a turn, which is how
+    the reward model saw its training pairs; a cut-off one as it was sampled. A reward model with its own
+    tokenizer (reward_inputs.load_reward_model) reads each sample's prompt (`prompts`, one per sample) and
+    answer text re-encoded with it."""
+    own = getattr(reward_model, OWN_TOKENIZER, None)
+    if own is not None:
+        if prompts is None:
+            raise ValueError("sample_scores: a reward model with its own tokenizer needs the samples' prompts")
+        encoded = reencoded(own, prompts, samples.texts, samples.finished)
+        return reward_scores_of_ids(reward_model, encoded, own.pad_token_id, batch_size)
     closing = turn_closing(tokenizer)
     conversations = [
         p + c + (closing if done else [])
@@ -177,7 +189,8 @@ def sample_rollout(
     old = batched_sequence_logps(policy, rows, batch_size, precision, config.temperature)
     policy.train(was_training)
     anchor_logps = batched_sequence_logps(anchor, rows, batch_size, precision, config.temperature)
-    scores = sample_scores(reward_model, tokenizer, samples)
+    prompts = [records[j // k]["prompt"] for j in range(len(samples.texts))]
+    scores = sample_scores(reward_model, tokenizer, samples, prompts=prompts)
     done = torch.tensor(samples.finished, dtype=torch.float32)
     for name, values in (
         ("reward model scores", scores),
@@ -206,12 +219,15 @@ def sample_rollout(
     return rows, stats
 
 
-def heldout_records(inputs: dict[str, str], config: RolloutConfig) -> list[dict]:
-    """The test split of `eval_prompts` (else of `prompts`): prompts no rollout samples."""
+def heldout_records(inputs: dict[str, str], config: RolloutConfig, options: DataOptions | None = None) -> list[dict]:
+    """The test split of `eval_prompts` (else of `prompts`, read as `options` say): prompts no rollout samples."""
     if not config.heldout_prompts:
         return []
-    uri = inputs.get("eval_prompts", inputs["prompts"])
-    records = read_dataset(uri, "prompt", "test", limit=config.heldout_prompts)
+    if "eval_prompts" in inputs:
+        uri, options = inputs["eval_prompts"], None
+    else:
+        uri = inputs["prompts"]
+    records = read_dataset(uri, "prompt", "test", limit=config.heldout_prompts, options=options)
     if not records:
         raise DataError(f"{uri}: no test-split prompts for the held-out measurements (or set heldout_prompts: 0)")
     return records

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from llmfab.config.base import StrictModel
 from llmfab.data.chat import encode_response
+from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.losses.distill import generalized_jsd
@@ -118,8 +119,11 @@ def fine_tune(config: FineTuneConfig, inputs: dict[str, str], ctx: RunContext, s
     tokenizer = load_tokenizer(inputs["model"])
     model = load_model(inputs["model"])
     tc = config.train
-    data = load_sft_rows(tokenizer, inputs["data"], config.max_len, max_examples=config.max_examples, seed=seed)
-    records = eval_records(config.eval, inputs, ("data", "chat"))
+    options = config if isinstance(config, DataOptions) else None  # the sft stage's; rejection_sampling's own data
+    data = load_sft_rows(
+        tokenizer, inputs["data"], config.max_len, max_examples=config.max_examples, seed=seed, options=options
+    )
+    records = eval_records(config.eval, inputs, ("data", "chat"), options)
     ctx.log_params(data.params())
 
     def evaluate(m):

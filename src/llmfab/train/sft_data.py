@@ -9,22 +9,33 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from llmfab.data.chat import IGNORE, encode_chat
+from llmfab.data.options import DataOptions
+from llmfab.data.tokenized import map_encode
 from llmfab.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: int, where: str = "data"):
-    """(ids, mask) per conversation; ones longer than `max_len` are dropped (and counted)."""
+def _encode_conversation(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    ids, mask = encode_chat(tokenizer, messages)
+    return {"input_ids": ids, "mask": mask}
+
+
+def encode_conversations(
+    tokenizer, conversations: list[list[dict]], max_len: int, where: str = "data", num_proc: int = 1
+):
+    """(ids, mask) per conversation (tokenized with Dataset.map over `num_proc` processes); ones longer than
+    `max_len` are dropped (and counted)."""
     if not conversations:
         raise DataError(f"{where}: no conversations (empty dataset or split)")
+    cols = map_encode(conversations, partial(_encode_conversation, tokenizer), num_proc, desc="tokenize chats")
     out, dropped = [], 0
-    for messages in conversations:
-        ids, mask = encode_chat(tokenizer, messages)
+    for ids, mask in zip(cols["input_ids"], cols["mask"], strict=True):
         if len(ids) > max_len:
             dropped += 1
             continue
@@ -84,22 +95,34 @@ class SFTRows:
 
 
 def load_sft_rows(
-    tokenizer, uri: str, max_len: int, *, max_examples: int | None = None, seed: int = 0, held_out: int = 256
+    tokenizer,
+    uri: str,
+    max_len: int,
+    *,
+    max_examples: int | None = None,
+    seed: int = 0,
+    held_out: int = 256,
+    options: DataOptions | None = None,
 ) -> SFTRows:
     """The first `max_examples` train conversations of chat dataset `uri`, packed in a seeded order,
-    and the first `held_out` test conversations packed for evaluation."""
+    and the first `held_out` test conversations packed for evaluation (splits as `options` say)."""
     from llmfab.data.io import read_dataset
 
-    train = [r["messages"] for r in read_dataset(uri, "chat", "train", limit=max_examples)]
-    examples, dropped = encode_conversations(tokenizer, train, max_len, uri)
+    train = [r["messages"] for r in read_dataset(uri, "chat", "train", max_examples, options)]
+    num_proc = options.num_proc if options else 1
+    examples, dropped = encode_conversations(tokenizer, train, max_len, uri, num_proc)
     rows = pack_examples(examples, max_len, tokenizer.pad_token_id, seed)
-    return SFTRows(train, rows, held_out_rows(tokenizer, uri, max_len, held_out), len(examples), dropped)
+    test = held_out_rows(tokenizer, uri, max_len, held_out, options)
+    return SFTRows(train, rows, test, len(examples), dropped)
 
 
-def held_out_rows(tokenizer, uri: str, max_len: int, limit: int = 256) -> dict[str, torch.Tensor]:
+def held_out_rows(
+    tokenizer, uri: str, max_len: int, limit: int = 256, options: DataOptions | None = None
+) -> dict[str, torch.Tensor]:
     """The first `limit` test conversations of chat dataset `uri`, packed (SFT's eval_loss rows)."""
     from llmfab.data.io import read_dataset
 
-    test = [r["messages"] for r in read_dataset(uri, "chat", "test", limit=limit)]
-    examples = encode_conversations(tokenizer, test, max_len, f"{uri} (test)")[0]
+    test = [r["messages"] for r in read_dataset(uri, "chat", "test", limit, options)]
+    num_proc = options.num_proc if options else 1
+    examples = encode_conversations(tokenizer, test, max_len, f"{uri} (test)", num_proc)[0]
     return pack_examples(examples, max_len, tokenizer.pad_token_id)
