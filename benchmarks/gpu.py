@@ -3,7 +3,7 @@
     python -m benchmarks.gpu --out gpu.json                    # ~0.5B, bf16, well under 8 minutes on an H100
     python -m benchmarks.gpu --device cpu --shape tiny --steps 2  # smoke test, seconds
 
-The model is the qwen2 recipe's `qwen2-0.5b` (or `tiny`) policy shape from `load_recipe`, built by
+The model is the qwen2 recipe's `qwen2-0.5b-replica` (or `tiny`) policy shape from `load_recipe`, built by
 `build_model` on the device and trained by the library's `Trainer` with precision bf16 (autocast), as the
 stages run it:
 - pretrain: weights in the preset's dtype (bfloat16 at 0.5B: bf16 weights, gradients and AdamW moments, no
@@ -59,8 +59,8 @@ PEAK_BF16 = (
 )
 # Per shape: the recipe preset whose `policy` model it is, and the default run settings.
 SHAPES = {
-    "0.5b": {"preset": "qwen2-0.5b", "seq_len": 4096, "batch": 4, "dpo_seq_len": 2048, "dpo_batch": 2, "warmup": 5,
-             "steps": 20},
+    "0.5b": {"preset": "qwen2-0.5b-replica", "seq_len": 4096, "batch": 4, "dpo_seq_len": 2048, "dpo_batch": 2,
+             "warmup": 5, "steps": 20},
     "tiny": {"preset": "tiny", "seq_len": 128, "batch": 2, "dpo_seq_len": 64, "dpo_batch": 2, "warmup": 1,
              "steps": 2},
 }  # fmt: skip

@@ -190,7 +190,8 @@ def test_pipeline_wires_the_recipe(compiled, family):
             f"/llmfab-{step.stage.replace('_', '-')}:" + container["image"].split(":")[-1]
         )
         k8s = platform[executor]
-        assert {s["secretName"] for s in k8s["secretAsEnv"]} == {"llmfab-s3", "llmfab-mlflow"}
+        assert {s["secretName"] for s in k8s["secretAsEnv"]} == {"llmfab-s3", "llmfab-mlflow", "llmfab-hf-token"}
+        assert [m["mountPath"] for m in k8s["pvcMount"]] == ["/var/cache/llmfab/hf"]  # the shared hub cache
         if stage_group(step.stage).gpu:
             assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert k8s["tolerations"] and k8s["nodeSelector"]["labels"]
@@ -479,8 +480,8 @@ def test_compile_pipelines_command(tmp_path, default_images):
     assert "image: localhost:5000/team/llmfab-rlhf-warp:" in text
     assert (tmp_path / "components" / "merge" / "component.yaml").is_file()
     # one pipeline compiles on its own too, for any preset default
-    path = compile_pipeline("afm", tmp_path / "afm.yaml", preset="afm-3b")
-    assert "afm-3b" in path.read_text()
+    path = compile_pipeline("afm", tmp_path / "afm.yaml", preset="afm-3b-replica")
+    assert "afm-3b-replica" in path.read_text()
 
 
 def test_open_and_close_run_on_a_cluster(tracking_uri, tmp_path):

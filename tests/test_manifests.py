@@ -223,10 +223,12 @@ def test_references_resolve(rendered, overlay):
                 need("ConfigMap", ns, vol["configMap"]["name"])
             if "ephemeral" in vol:
                 need("StorageClass", "", vol["ephemeral"]["volumeClaimTemplate"]["spec"]["storageClassName"])
+            if "persistentVolumeClaim" in vol:
+                need("PersistentVolumeClaim", ns, vol["persistentVolumeClaim"]["claimName"])
         for c in containers(pod):
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {})
-                if "secretKeyRef" in ref:
+                if "secretKeyRef" in ref and not ref["secretKeyRef"].get("optional"):  # optional: the user's own
                     need("Secret", ns, ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"])
                 if "configMapKeyRef" in ref:
                     need("ConfigMap", ns, ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"])
@@ -270,7 +272,9 @@ def test_namespaces_and_pod_security(rendered, overlay):
             assert doc["metadata"]["namespace"] == "llmfab", key(doc)
     in_kubeflow = {key(d) for d in docs if d["metadata"].get("namespace") == "kubeflow"}
     assert ("ServiceAccount", "kubeflow", "pipeline-runner") in in_kubeflow
-    assert {kind for kind, _, _ in in_kubeflow} == {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret"}
+    assert {kind for kind, _, _ in in_kubeflow} == {
+        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret", "PersistentVolumeClaim"  # the hub cache
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -297,8 +301,15 @@ def test_pipeline_runner_rbac_is_least_privilege(rendered, overlay):
         for c in containers(pod)
         for src in c.get("envFrom", [])
         if "secretRef" in src
+    } | {
+        var["valueFrom"]["secretKeyRef"]["name"]
+        for ns, _, pod in pod_templates(docs)
+        if ns == "kubeflow"
+        for c in containers(pod)
+        for var in c.get("env", [])
+        if "secretKeyRef" in var.get("valueFrom", {})
     }
-    assert set(secrets["resourceNames"]) == used == {"llmfab-s3", "llmfab-mlflow"}
+    assert set(secrets["resourceNames"]) == used == {"llmfab-s3", "llmfab-mlflow", "llmfab-hf-token"}
     binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == role["metadata"]["name"])
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
 
@@ -341,3 +352,30 @@ def test_upstream_installs_are_pinned():
     kfp_sdk = re.search(r'"kfp==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     assert refs["pipelines"] == kfp_sdk
     assert f"Kubeflow Trainer {refs['trainer']}" in json.loads(RUNTIME_SCHEMA.read_text())["description"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_training_pods_share_the_hub_cache_and_read_the_token_by_reference(rendered, overlay):
+    """Every runtime mounts the ReadWriteMany PVC llmfab-hf-cache at HF_HOME (a checkpoint is downloaded once per
+    cluster) and gets HF_TOKEN (gated repos) only as an optional reference to Secret llmfab-hf-token."""
+    docs = rendered[overlay]
+    (pvc,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "llmfab-hf-cache"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["metadata"]["namespace"] == "kubeflow"
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "llmfab-env"]
+    runtimes = [(name, pod) for _, name, pod in pod_templates(docs) if name.startswith("llmfab-")]
+    assert {name for name, _ in runtimes} >= {"llmfab-train", "llmfab-deepspeed"}
+    for name, pod in runtimes:
+        (node,) = pod["spec"]["containers"]
+        env = {e["name"]: e for e in node["env"]}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        mounts = {m["name"]: m["mountPath"] for m in node["volumeMounts"]}
+        (volume,) = [v for v, claim in claims.items() if claim == "llmfab-hf-cache"]
+        assert mounts[volume] == env["HF_HOME"]["value"] == config["data"]["HF_HOME"], name
+        assert env["HF_TOKEN"] == {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "llmfab-hf-token", "key": "token", "optional": True}},
+        }, name

@@ -51,10 +51,10 @@ def test_arch_specifics():
 @pytest.mark.parametrize(
     "family,preset,expected",
     [
-        ("qwen2", "qwen2-0.5b", 494e6),
-        ("gemma2", "gemma2-2b", 2.61e9),
-        ("llama31", "llama31-8b", 8.03e9),
-        ("afm", "afm-3b", 2.73e9),  # 2.58B non-embedding + 0.15B embedding (AFM paper, table 1)
+        ("qwen2", "qwen2-0.5b-replica", 494e6),
+        ("gemma2", "gemma2-2b-replica", 2.61e9),
+        ("llama31", "llama31-8b-replica", 8.03e9),
+        ("afm", "afm-3b-replica", 2.73e9),  # 2.58B non-embedding + 0.15B embedding (AFM paper, table 1)
     ],
 )
 def test_real_size_presets_have_real_shapes(family, preset, expected):

@@ -171,11 +171,19 @@ def test_adopt_from_folder_and_store_uri(sweep, testbed, tmp_path):
     assert adopted.get_vocab() == trained.get_vocab() and adopted.chat_template == trained.chat_template
     assert out.metrics["unk_rate_zh"] == 0 and "fertility_ru_512" not in out.metrics
 
-    # From a store URI, switched to ChatML: its turn tokens are added (the vocabulary grows).
+    # From a store URI with chat_format: a tokenizer with a template keeps it (nothing added) ...
     cfg.update(path=trained_uri, chat_format="chatml", model_max_length=512)
     out = run_stage("train_tokenizer", cfg, {"corpus": testbed["text"]}, store=store.sub("b"), track=False)
+    kept = load_tokenizer(out.outputs["tokenizer"])
+    assert kept.get_vocab() == trained.get_vocab() and kept.chat_template == trained.chat_template
+    assert kept.model_max_length == 512
+    # ... and one without a template gets the family's, its turn tokens added (the vocabulary grows).
+    trained.chat_template = None
+    trained.save_pretrained(tmp_path / "untemplated")
+    cfg.update(path=str(tmp_path / "untemplated"))
+    out = run_stage("train_tokenizer", cfg, {"corpus": testbed["text"]}, store=store.sub("c"), track=False)
     chatml = load_tokenizer(out.outputs["tokenizer"])
-    assert len(chatml) == len(trained) + 2 and chatml.model_max_length == 512
+    assert len(chatml) == len(trained) + 2 and chatml.chat_template == CHAT_FORMATS["chatml"].template
     assert chatml.pad_token == trained.pad_token
     assert chatml.decode([i for i, m in zip(*encode_response(chatml, "q", "a"), strict=True) if m]) == "a<|im_end|>"
 
@@ -193,7 +201,8 @@ def test_adopting_a_tokenizer_without_byte_fallback_reports_unknowns(testbed, ml
     )
     assert out.metrics["unk_rate_zh"] > 0 and out.metrics["unk_rate_ko"] > 0
     tok = load_tokenizer(out.outputs["tokenizer"])
-    assert tok.pad_token == "<|pad|>" and len(tok) == len(base) + 3  # pad + the two ChatML turn tokens
+    # The two ChatML turn tokens are added; the pad is the vocabulary's own end-of-text (no token added).
+    assert tok.pad_token == "<|endoftext|>" and len(tok) == len(base) + 2
 
 
 def test_multilingual_training_covers_other_scripts(testbed, tmp_path):
@@ -266,6 +275,7 @@ def test_a_stage_loading_a_smaller_model_resizes_it(sweep, testbed, tmp_path):
     model = build_model(ModelConfig(vocab_size=len(trained), **SMALL), **special_token_ids(trained))
     uri = save_model(model, trained, open_store(tmp_path / "m"))
     folder = tmp_path / "grown"
+    trained.chat_template = None  # adopting gives a tokenizer without a template the family's, with its turn tokens
     trained.save_pretrained(folder)
     grown = run_stage(
         "train_tokenizer",
@@ -283,9 +293,9 @@ def test_a_stage_loading_a_smaller_model_resizes_it(sweep, testbed, tmp_path):
 
 
 FAMILY_TOKENIZERS = {
-    "qwen2": ("qwen2-0.5b", "Qwen/Qwen2-0.5B", "chatml"),
-    "llama31": ("llama31-8b", "meta-llama/Llama-3.1-8B", "llama3"),
-    "gemma2": ("gemma2-2b", "google/gemma-2-2b", "gemma"),
+    "qwen2": ("qwen2-0.5b-replica", "Qwen/Qwen2-0.5B", "chatml"),
+    "llama31": ("llama31-8b-replica", "meta-llama/Llama-3.1-8B", "llama3"),
+    "gemma2": ("gemma2-2b-replica", "google/gemma-2-2b", "gemma"),
 }
 
 
@@ -297,7 +307,7 @@ def test_recipes_train_on_tiny_and_take_a_real_tokenizer_on_real_presets(family)
     assert cfg.source == "train" and len(cfg.report.vocab_sizes) >= 3
     assert cfg.chat_format == FAMILY_TOKENIZERS.get(family, (None, None, "chatml"))[2]
     if family == "afm":  # no released tokenizer: trained at AFM's 49k vocabulary, multilingual
-        real = load_recipe(family, "afm-3b").step("tokenizer").config
+        real = load_recipe(family, "afm-3b-replica").step("tokenizer").config
         assert (real.source, real.vocab_size, real.multilingual) == ("train", 49152, True)
     else:
         preset, hub_id, fmt = FAMILY_TOKENIZERS[family]

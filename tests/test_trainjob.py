@@ -144,12 +144,18 @@ def test_credentials_only_by_secret_reference(monkeypatch):
         "AWS_SECRET_ACCESS_KEY": ("llmfab-s3", "AWS_SECRET_ACCESS_KEY"),
         "MLFLOW_TRACKING_USERNAME": ("llmfab-mlflow", "MLFLOW_TRACKING_USERNAME"),
         "MLFLOW_TRACKING_PASSWORD": ("llmfab-mlflow", "MLFLOW_TRACKING_PASSWORD"),
+        "HF_TOKEN": ("llmfab-hf-token", "token"),  # gated hub repos
     }
-    # The same Secrets the runtimes' pods get whole (envFrom), and the only ones the runner's Role may read.
+    assert refs["HF_TOKEN"]["optional"] is True  # public repos need no token
+    # The same Secrets the runtimes' pods get (whole as envFrom, the hub token as HF_TOKEN), and the only ones the
+    # runner's Role may read.
     for runtime in _runtimes().values():
         pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
-        from_runtime = {s["secretRef"]["name"] for s in pod["spec"]["containers"][0]["envFrom"] if "secretRef" in s}
-        assert {ref["name"] for ref in refs.values()} == from_runtime
+        container = pod["spec"]["containers"][0]
+        from_runtime = {s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s}
+        runtime_env = {e["name"]: e for e in container["env"]}
+        assert runtime_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == refs["HF_TOKEN"]
+        assert {ref["name"] for ref in refs.values()} == from_runtime | {"llmfab-hf-token"}
     rbac = list(yaml.safe_load_all((ROOT / "manifests/base/runner/rbac.yaml").read_text()))
     role = next(d for d in rbac if d["kind"] == "Role")
     readable = next(r["resourceNames"] for r in role["rules"] if r["resources"] == ["secrets"])

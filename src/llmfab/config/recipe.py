@@ -14,8 +14,20 @@ A recipe file (recipes/<family>.yaml):
           pretrain: {model: ${models.policy}}
 
 `${models.NAME}` inside a step config is replaced by that preset model. An input is either
-`STEP.OUTPUT` (an earlier step's output) or a URI. Everything is validated at load time, and an
-error names the file and the field.
+`STEP.OUTPUT` (an earlier step's output) or a URI: `hf://ORG/NAME[@REV]` (a hub model),
+`hf://datasets/ORG/NAME[@REV]`, `s3://...`, `file://...` or an absolute path. Everything is validated at
+load time, and an error names the file and the field.
+
+A preset that starts from released checkpoints and hub datasets gives recipe outputs from outside
+(`--set inputs.STEP.OUTPUT=URI` does the same for one run):
+
+      qwen2-0.5b:
+        inputs:                                  # every reference to long_context.model reads the hub model
+          long_context.model: hf://Qwen/Qwen2-0.5B
+          data.sft: hf://datasets/HuggingFaceH4/ultrachat_200k
+
+and the steps that nothing reads any more (the pretraining that made them) are left out of its plan: the steps
+kept are those the recipe's last steps (the ones no step reads) still need. A left-out step's config is unused.
 
 Two constructs become KFP control flow (and run the same way in process):
 
@@ -87,6 +99,9 @@ class RoundsEntry(StrictModel):
 
 class PresetSpec(StrictModel):
     description: str = ""
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="'STEP.OUTPUT' -> URI: a recipe output taken from outside, its steps left out"
+    )
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     rounds: dict[str, int] = Field(default_factory=dict, description="rounds block id -> its number of rounds")
     config: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -118,7 +133,7 @@ def _check_entries(raw: Any, source: str) -> None:
 _WHEN = re.compile(r"^\s*([a-z][a-z0-9_-]*)\.([A-Za-z_][A-Za-z0-9_]*)\s*==\s*(\S+)\s*$")
 _PREV = re.compile(r"^prev\.([a-z][a-z0-9_-]*)\.([A-Za-z_][A-Za-z0-9_]*)\s*\|\s*(\S+)$")
 ROUND_NUMBER = "${round}"  # in a round's step config: the round's number (1, 2, ...)
-RESERVED_IDS = frozenset({"models", "rounds", "prev"})  # words of overrides and references
+RESERVED_IDS = frozenset({"models", "rounds", "prev", "inputs"})  # words of overrides and references
 
 
 def parse_prev(ref: str) -> tuple[str, str, str] | None:
@@ -233,6 +248,7 @@ class Recipe:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     description: str = ""
     rounds: dict[str, RoundsBlock] = field(default_factory=dict)
+    given: dict[str, str] = field(default_factory=dict)  # the preset's `inputs`: STEP.OUTPUT -> URI
 
     def step(self, step_id: str) -> ResolvedStep:
         for s in self.steps:
@@ -250,6 +266,7 @@ class Recipe:
             "family": self.family,
             "preset": self.preset,
             "models": {k: m.model_dump(mode="json") for k, m in self.models.items()},
+            **({"inputs": self.given} if self.given else {}),
             **({"rounds": self.round_counts()} if self.rounds else {}),
             "steps": [
                 {
@@ -268,6 +285,35 @@ class Recipe:
 def is_uri(ref: str) -> bool:
     """An input written as a URI or path (data from outside the recipe), not a `STEP.OUTPUT` reference."""
     return "://" in ref or ref.startswith(("/", "./"))
+
+
+URI_SCHEMES = ("hf://", "s3://", "file://")
+URI_FORMS = "hf://ORG/NAME[@REV], hf://datasets/ORG/NAME[@REV], s3://BUCKET/KEY, file:///PATH or an absolute path"
+_STEP_REF = re.compile(r"^[a-z][a-z0-9_-]*\.[A-Za-z_][A-Za-z0-9_]*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@\S+)?$")
+
+
+def check_uri(uri: str, where: str) -> None:
+    """A URI input that the stages can read (llmfab.hub for hf://, llmfab.storage for the rest)."""
+    from llmfab.errors import StoreError
+    from llmfab.hub import is_hub_uri, parse_hub_uri
+
+    if is_hub_uri(uri):
+        try:
+            parse_hub_uri(uri)
+        except StoreError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    elif "://" in uri and not uri.startswith(URI_SCHEMES):
+        raise ConfigError(f"{where}: unsupported URI scheme; expected {URI_FORMS}")
+
+
+def unknown_ref_error(ref: str, where: str) -> ConfigError:
+    """The error for a reference to no earlier step: a `STEP.OUTPUT` of a later or unknown step, or neither a
+    reference nor a URI (a bare hub id, `Qwen/Qwen2-0.5B`, is what an hf:// URI misses its scheme)."""
+    if _STEP_REF.match(ref):
+        return ConfigError(f"{where}: no earlier step {ref.partition('.')[0]!r}")
+    hint = f"; a hub repo is written hf://{ref}" if _HUB_ID.match(ref) else ""
+    return ConfigError(f"{where}: expected STEP.OUTPUT (an earlier step's output) or a URI ({URI_FORMS}){hint}")
 
 
 def as_refs(value: str | list[str]) -> list[str]:
@@ -309,12 +355,16 @@ def _substitute(value: Any, models: dict[str, dict], where: str, round_number: i
 
 
 def _apply_overrides(preset: dict, overrides: list[str], step_ids: set[str], block_ids: set[str], source: str) -> dict:
-    """`models.NAME.FIELD=V` edits a preset model; `rounds.BLOCK=N` a block's number of rounds; `STEP.FIELD=V` a
-    step's config (every round's, for a step of a rounds block)."""
+    """`models.NAME.FIELD=V` edits a preset model; `rounds.BLOCK=N` a block's number of rounds; `inputs.STEP.OUTPUT=URI`
+    gives a recipe output from outside; `STEP.FIELD=V` a step's config (every round's, for a step of a rounds block)."""
     for text in overrides:
         path, value = parse_override(text)
         if path[0] == "models":
             target = ["models", *path[1:]]
+        elif path[0] == "inputs":
+            if len(path) != 3 or not isinstance(value, str):
+                raise ConfigError(f"{source}: override {text!r}: expected inputs.STEP.OUTPUT=URI")
+            target = ["inputs", f"{path[1]}.{path[2]}"]
         elif path[0] == "rounds":
             if len(path) != 2 or path[1] not in block_ids:
                 raise ConfigError(
@@ -326,7 +376,7 @@ def _apply_overrides(preset: dict, overrides: list[str], step_ids: set[str], blo
             target = ["config", *path]
         else:
             raise ConfigError(
-                f"{source}: override {text!r}: {path[0]!r} is neither 'models' nor a step id "
+                f"{source}: override {text!r}: {path[0]!r} is neither 'models', 'rounds', 'inputs' nor a step id "
                 f"({', '.join(sorted(step_ids))})"
             )
         nested: Any = value
@@ -361,6 +411,82 @@ def _step_ids(recipe: RecipeFile, source: str) -> tuple[list[str], dict[str, str
     if reserved := sorted(RESERVED_IDS & set(names)):
         raise ConfigError(f"{source}: steps: {reserved[0]!r} is a reserved word, not a step id")
     return step_ids, block_of
+
+
+def _given(data: Any, recipe: RecipeFile, block_of: dict[str, str], source: str, prefix: str) -> dict[str, str]:
+    """The preset's `inputs`, checked: each key an output of a step outside rounds blocks, each value a URI."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix}.inputs: expected a mapping of STEP.OUTPUT to URIs")
+    stages = {e.id: e.stage for e in recipe.steps if isinstance(e, StepSpec)}
+    for key, uri in data.items():
+        where = f"{source}: {prefix}.inputs.{key}"
+        step, _, output = key.partition(".")
+        if step in block_of:
+            raise ConfigError(f"{where}: step {step!r} runs in rounds {block_of[step]!r}; give a step outside rounds")
+        if step not in stages:
+            raise ConfigError(f"{where}: expected STEP.OUTPUT of a recipe step; steps: {', '.join(stages)}")
+        if output not in (outputs := get_stage(stages[step]).outputs):
+            raise ConfigError(f"{where}: step {step!r} has outputs {', '.join(outputs)}")
+        if not isinstance(uri, str) or not is_uri(uri):
+            raise ConfigError(f"{where}: expected a URI ({URI_FORMS}), got {uri!r}")
+        check_uri(uri, where)
+    return dict(data)
+
+
+def _entry_id(entry: StepSpec | RoundsEntry) -> str:
+    return entry.rounds.id if isinstance(entry, RoundsEntry) else entry.id
+
+
+def _reads(entry: StepSpec | RoundsEntry) -> set[str]:
+    """The ids of the entries (steps, rounds blocks) that `entry` reads: its inputs' and its condition's."""
+    steps = entry.rounds.steps if isinstance(entry, RoundsEntry) else [entry]
+    ids: set[str] = set()
+    for step in steps:
+        for ref in (r for refs in step.inputs.values() for r in as_refs(refs)):
+            ref = prev[2] if (prev := parse_prev(ref)) else ref  # the previous round's is the block's own
+            if not is_uri(ref):
+                ids.add(ref.partition(".")[0])
+        if step.when and (match := _WHEN.match(step.when)):
+            ids.add(match.group(1))
+    return ids - {s.id for s in steps} if isinstance(entry, RoundsEntry) else ids
+
+
+def _bind(ref: str, given: dict[str, str]) -> str:
+    if prev := parse_prev(ref):
+        return f"prev.{prev[0]}.{prev[1]} | {given.get(prev[2], prev[2])}"
+    return given.get(ref, ref)
+
+
+def _with_given(entries: list, given: dict[str, str]) -> list:
+    """`entries` with every reference to a given output replaced by its URI, and None for each entry that the
+    recipe's last steps (those no entry reads) no longer need."""
+
+    def bound(step: StepSpec) -> StepSpec:
+        inputs = {
+            name: [_bind(r, given) for r in refs] if isinstance(refs, list) else _bind(refs, given)
+            for name, refs in step.inputs.items()
+        }
+        return step.model_copy(update={"inputs": inputs})
+
+    out = [
+        RoundsEntry(rounds=e.rounds.model_copy(update={"steps": [bound(s) for s in e.rounds.steps]}))
+        if isinstance(e, RoundsEntry)
+        else bound(e)
+        for e in entries
+    ]
+    if not given:
+        return list(entries)
+    # The last steps: those no later entry reads (an earlier one that does names a later step: an error, kept
+    # for _resolve_step to report).
+    read_later = [set().union(set(), *(_reads(e) for e in entries[i + 1 :])) for i in range(len(entries))]
+    reads = {_entry_id(e): _reads(e) for e in out}
+    wanted, keep = [_entry_id(e) for e, later in zip(out, read_later, strict=True) if _entry_id(e) not in later], set()
+    while wanted:
+        entry_id = wanted.pop()
+        if entry_id in reads and entry_id not in keep:
+            keep.add(entry_id)
+            wanted += reads[entry_id]
+    return [e if _entry_id(e) in keep else None for e in out]
 
 
 def _round_counts(data: Any, blocks: set[str], source: str, prefix: str) -> dict[str, int]:
@@ -508,6 +634,8 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
     prefix = f"presets.{preset}"
     for unknown in sorted(set(preset_data["config"]) - set(step_ids)):
         raise ConfigError(f"{source}: {prefix}.config.{unknown}: no step with that id")
+    given = _given(preset_data["inputs"], recipe, block_of, source, prefix)
+    entries = _with_given(recipe.steps, given)  # None: a step left out, what it made given from outside
     counts = _round_counts(preset_data["rounds"], block_ids, source, prefix)
     models = {
         name: validate(ModelConfig, data, source, f"{prefix}.models.{name}")
@@ -524,7 +652,9 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
         data = _substitute(data, model_dicts, f"{source}: {config_where}", rnd.number if rnd else None)
         by_id[step_id] = _resolve_step(step, step_id, inputs, data, by_id, source, config_where, where, rnd)
 
-    for index, entry in enumerate(recipe.steps):
+    for index, entry in enumerate(entries):
+        if entry is None:
+            continue
         if isinstance(entry, RoundsEntry):
             where = f"steps[{index}].rounds"
             block = _block(entry.rounds, counts[entry.rounds.id], by_id, rounds, block_of, f"{source}: {where}")
@@ -536,7 +666,7 @@ def load_recipe(family_or_path: str | Path, preset: str = "tiny", overrides: lis
         else:
             at = f"{source}: steps[{index}] ({entry.id})"
             add(entry, entry.id, _outer_inputs(entry, rounds, block_of, at), f"steps[{index}]")
-    return Recipe(recipe.family, preset, source, list(by_id.values()), models, recipe.description, rounds)
+    return Recipe(recipe.family, preset, source, list(by_id.values()), models, recipe.description, rounds, given)
 
 
 def _round_inputs(step: StepSpec, rnd: Round, block: RoundsBlock) -> dict[str, str | list[str]]:
@@ -579,10 +709,11 @@ def _resolve_step(
     when = _condition(step.when, earlier, spec_where) if step.when else None
     for name, ref in ((n, r) for n, refs in inputs.items() for r in as_refs(refs)):
         if is_uri(ref):
+            check_uri(ref, f"{spec_where}: input {name}={ref!r}")
             continue
         src_step, _, output = ref.partition(".")
         if src_step not in earlier:
-            raise ConfigError(f"{spec_where}: input {name}={ref!r}: no earlier step {src_step!r}")
+            raise unknown_ref_error(ref, f"{spec_where}: input {name}={ref!r}")
         src = earlier[src_step]
         src_outputs = get_stage(src.stage).outputs
         if output not in src_outputs:

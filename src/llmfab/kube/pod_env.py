@@ -1,7 +1,8 @@
 """The environment of a TrainJob's pods: settings as values, credentials never.
 
 Credentials reach the pods only as references to keys of the Secrets llmfab-s3 / llmfab-mlflow (which the
-runtimes also give whole, as envFrom; manifests/README.md, "Secrets"), so a rendered TrainJob holds none.
+runtimes also give whole, as envFrom; manifests/README.md, "Secrets") and llmfab-hf-token (HF_TOKEN, for gated hub
+repos), so a rendered TrainJob holds none.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ S3_SECRET = "llmfab-s3"
 MLFLOW_SECRET = "llmfab-mlflow"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Gated hub repos (Llama 3.1, Gemma 2): key `token` of this Secret as HF_TOKEN, optional (public repos need none).
+HF_TOKEN_SECRET = "llmfab-hf-token"
+HF_TOKEN_KEY = "token"
+HF_TOKEN_ENV = "HF_TOKEN"
+# The hub cache every pod shares: PVC llmfab-hf-cache mounted here, HF_HOME pointing at it (manifests/base/runner).
+HF_CACHE_PVC = "llmfab-hf-cache"
+HF_HOME = "/var/cache/llmfab/hf"
 PARENT_RUN_ENV = "LLMFAB_PARENT_RUN_ID"  # llmfab.tracking.mlflow_tracker.PARENT_RUN_ENV, without importing MLflow
 
 CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
@@ -57,6 +65,8 @@ def pod_env(launch: LaunchConfig) -> list[dict]:
             for key in keys:
                 ref = {"name": secret, "key": key, **({"optional": True} if optional else {})}
                 env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    ref = {"name": HF_TOKEN_SECRET, "key": HF_TOKEN_KEY, "optional": True}
+    env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
     names = [e["name"] for e in env]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -17,7 +17,9 @@ per preset, is part of the graph: build the pipeline with the preset and overrid
 
 On a cluster (kfp-kubernetes, ignored by kfp.local): every task gets the S3 credentials from Secret llmfab-s3,
 the MLflow ones from Secret llmfab-mlflow (optional) and the endpoints from ConfigMap llmfab-env, by reference
-only; GPU-group stages (llmfab.images: train, deepspeed) also get an accelerator, a toleration and a node selector.
+only; every step task also HF_TOKEN from Secret llmfab-hf-token (optional) and the hub cache PVC llmfab-hf-cache
+at HF_HOME; GPU-group stages (llmfab.images: train, deepspeed) also get an accelerator, a toleration and a node
+selector.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
@@ -42,6 +44,7 @@ from llmfab.config.recipe import (
 )
 from llmfab.errors import ConfigError
 from llmfab.images import stage_group
+from llmfab.kube.pod_env import HF_CACHE_PVC, HF_HOME, HF_TOKEN_ENV, HF_TOKEN_KEY, HF_TOKEN_SECRET
 from llmfab.kube.trainjob import MLFLOW_KEYS, MLFLOW_SECRET, S3_KEYS, S3_SECRET
 from llmfab.kubeflow.components import (
     artifact_type,
@@ -65,6 +68,7 @@ ENV_CONFIG_KEYS = (
     "LLMFAB_PROGRESS",
     "LLMFAB_STORE",
     "AWS_ENDPOINT_URL_S3",
+    "HF_HOME",  # where the hub cache PVC is mounted (only there: a local run keeps its own cache)
 )
 
 
@@ -79,27 +83,33 @@ class KubernetesSettings:
     s3_secret: str = S3_SECRET
     mlflow_secret: str = MLFLOW_SECRET
     env_config_map: str = ENV_CONFIG_MAP
+    hf_token_secret: str = HF_TOKEN_SECRET
+    hf_cache_pvc: str | None = HF_CACHE_PVC  # None: no shared hub cache (each pod downloads into its own)
 
 
 def needs_gpu(stage: str) -> bool:
     return stage_group(stage).gpu
 
 
-def _configure(task, name: str, stage: str | None, settings: KubernetesSettings):
+def _configure(task, name: str, stage: str | None, settings: KubernetesSettings, hub: bool = False):
     """What every task gets: its display name, no caching (every run is its own MLflow runs and checkpoints), and
-    the cluster settings (a GPU only for `stage` of a GPU group)."""
+    the cluster settings (a GPU only for `stage` of a GPU group; the hub token and cache for a step's task)."""
     task.set_display_name(name)
     task.set_caching_options(False)
-    _apply_kubernetes(task, stage, settings)
+    _apply_kubernetes(task, stage, settings, hub)
     return task
 
 
-def _apply_kubernetes(task, stage: str | None, settings: KubernetesSettings) -> None:
+def _apply_kubernetes(task, stage: str | None, settings: KubernetesSettings, hub: bool = False) -> None:
     from kfp import kubernetes
 
     kubernetes.use_secret_as_env(task, settings.s3_secret, {k: k for k in S3_KEYS})
     kubernetes.use_secret_as_env(task, settings.mlflow_secret, {k: k for k in MLFLOW_KEYS}, optional=True)
     kubernetes.use_config_map_as_env(task, settings.env_config_map, {k: k for k in ENV_CONFIG_KEYS}, optional=True)
+    if hub:  # a step may read hf:// inputs: gated repos need the token, and the shared cache saves the download
+        kubernetes.use_secret_as_env(task, settings.hf_token_secret, {HF_TOKEN_KEY: HF_TOKEN_ENV}, optional=True)
+        if settings.hf_cache_pvc:
+            kubernetes.mount_pvc(task, pvc_name=settings.hf_cache_pvc, mount_path=HF_HOME)
     if stage is not None and needs_gpu(stage):
         task.set_accelerator_type(settings.accelerator_type)
         task.set_accelerator_limit(settings.accelerator_limit)
@@ -278,7 +288,7 @@ class _Builder:
         component = self.components[step.stage]
         task = component(step_id=step_id, variant=item if item is not None else "", **common, **args, **extra)
         # A TrainJob's pods get the GPUs; the task that submits and follows it needs none.
-        return _configure(task, step.base_id, step.stage if launch is None else None, self.settings)
+        return _configure(task, step.base_id, step.stage if launch is None else None, self.settings, hub=True)
 
     def place_conditional(self, step: ResolvedStep, args: dict, common: dict, sources: dict, values: dict):
         """`step` inside a dsl.If on an earlier step's value (passed on by a step-value task, one per value)."""
