@@ -88,13 +88,14 @@ def save_hub_parquet(folder: Path, splits: dict[str, list[dict]]) -> str:
     return str(folder)
 
 
-def fake_hub_cache(cache: Path, repo_id: str, splits: dict[str, list[dict]]) -> Path:
-    """A dataset repo in a huggingface_hub cache (HF_HUB_CACHE) as a download leaves it: the snapshot at COMMIT
-    and refs/main naming it."""
+def fake_hub_cache(cache: Path, repo_id: str, splits: dict[str, list[dict]], commit: str = COMMIT) -> Path:
+    """A dataset repo in a huggingface_hub cache (HF_HUB_CACHE) as a download leaves it: the snapshot at `commit`
+    and refs/main naming it (two repos in one run need two commits, as on the hub: MLflow knows a dataset input
+    by its name and digest, the commit)."""
     repo = cache / f"datasets--{repo_id.replace('/', '--')}"
-    save_hub_parquet(repo / "snapshots" / COMMIT, splits)
+    save_hub_parquet(repo / "snapshots" / commit, splits)
     (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "refs" / "main").write_text(commit)
     return repo
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from llmfab.data.version import DATA_FINGERPRINT_TAG
 from llmfab.errors import LlmfabError
+from llmfab.hub import is_hub_uri, parse_hub_uri
 from llmfab.storage.content import content_hash
 
 INPUT_TAG = "llmfab.input."
@@ -21,7 +22,7 @@ OUTPUT_TAG = "llmfab.output."
 @dataclass
 class Artifact:
     uri: str
-    kind: str  # checkpoint | data | external (not in an object store: e.g. a hub id)
+    kind: str  # checkpoint | data | external (not in an object store: e.g. a hub repo, model or dataset)
     sha256: str | None
     key: str  # PRODUCER_STEP.OUTPUT, or CONSUMER_STEP.INPUT for a pipeline input nothing in it produced
 
@@ -47,6 +48,17 @@ def describe(uri: str, key: str) -> Artifact:
     files' bytes; anything the store does not hold (a hub id) is `external` and unhashed."""
     kind, sha256 = content_hash(uri)
     return Artifact(uri, kind, sha256, key)
+
+
+def hub_model(uri: str, input_name: str) -> bool:
+    """Whether `uri` is a model on the hub (a released checkpoint: a parent, not data), decided as the runner
+    decides it: `hf://models/...`, or a plain `hf://ORG/NAME` given to an input that is not a data input."""
+    if not is_hub_uri(uri):
+        return False
+    from llmfab.stages.runner import DATA_INPUTS
+
+    repo_type = parse_hub_uri(uri).repo_type
+    return repo_type == "model" or (repo_type is None and input_name not in DATA_INPUTS)
 
 
 def parse_uris(value: str) -> list[str]:
@@ -117,7 +129,8 @@ def collect_lineage(client, model_uri: str, parent_run_id: str | None) -> Lineag
                 else:
                     key = f"{step}.{tag[len(INPUT_TAG) :]}" + (f".{i}" if value.startswith("[") else "")
                 art = describe(ref, key)
-                (lineage.checkpoints if art.kind == "checkpoint" else lineage.data).append(art)
+                parent = art.kind == "checkpoint" or hub_model(ref, tag[len(INPUT_TAG) :])
+                (lineage.checkpoints if parent else lineage.data).append(art)
     return lineage
 
 

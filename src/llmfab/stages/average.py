@@ -7,7 +7,7 @@ from pydantic import Field
 
 from llmfab.config.recipe import as_refs
 from llmfab.errors import ConfigError
-from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval, task_prompts
+from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.models import load_model, load_tokenizer, save_model
 from llmfab.models.merge import average_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -38,8 +38,9 @@ def run(config: AverageConfig, inputs: dict, ctx: StageContext) -> dict[str, str
         raise ConfigError(f"average: {exc}") from None
     tokenizer = load_tokenizer(refs[0])
     records = []
-    if config.kind == "causal_lm" and "eval_prompts" in inputs and config.eval.prompts:
-        records = task_prompts(inputs["eval_prompts"], "prompt", "test", config.eval.prompts)
+    if config.kind == "causal_lm" and "eval_prompts" in inputs:
+        # [] for prompts without testbed tasks (a hub dataset): the gold reward cannot score them; skipped, said so
+        records = eval_records(config.eval, inputs, ("eval_prompts", "prompt"))
         for i, member in enumerate(models):
             log_gold_eval(member, tokenizer, records, config.eval, ctx, f"_member{i}")
     merged = models[0]
