@@ -274,3 +274,29 @@ def test_preference_pairs_and_conversations_serve_as_prompts(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts = [r["prompt"] for r in read_dataset(str(path), "prompt", "train")]
     assert prompts == [[user], "Name a colour.", [system, user]]
+
+
+def test_a_new_commit_of_a_hub_dataset_is_a_new_data_version(tmp_path, monkeypatch):
+    """`llmfab retrain` sees a hub dataset change: the data fingerprint counts an hf:// input as the commit its
+    revision points at (from the cache under HF_HUB_OFFLINE), and a pinned commit stays as it is."""
+    import huggingface_hub.constants as hub_constants
+
+    from llmfab.config.recipe import load_recipe
+    from llmfab.data.version import data_fingerprint
+
+    cache = tmp_path / "hub"
+    repo = trl.fake_hub_cache(cache, "HuggingFaceH4/ultrachat_200k", {"train_sft": trl.rows("conversational", 3)})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    given = ["inputs.data.sft=hf://datasets/HuggingFaceH4/ultrachat_200k"]
+    before = data_fingerprint(load_recipe("qwen2", "tiny", given))
+    assert data_fingerprint(load_recipe("qwen2", "tiny", given)) == before
+    newer = "f" * 40
+    trl.save_hub_parquet(repo / "snapshots" / newer, {"train_sft": trl.rows("conversational", 4)})
+    (repo / "refs" / "main").write_text(newer)
+    assert data_fingerprint(load_recipe("qwen2", "tiny", given)) != before
+    pinned = [f"inputs.data.sft=hf://datasets/HuggingFaceH4/ultrachat_200k@{trl.COMMIT}"]
+    assert data_fingerprint(load_recipe("qwen2", "tiny", pinned)) != data_fingerprint(
+        load_recipe("qwen2", "tiny", given)
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from llmfab.errors import StoreError
@@ -31,6 +32,15 @@ class HubRef:
     def uri(self) -> str:
         kind = f"{self.repo_type}s/" if self.repo_type else ""
         return f"{SCHEME}{kind}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+
+
+# Inputs that hold data: a plain hf://ORG/NAME given to one of these is a dataset repo, to any other a model repo.
+DATA_INPUTS = ("data", "prompts", "corpus", "eval_prompts", "extra", "long_data", "text")
+
+
+def repo_type_of(uri: str, input_name: str) -> RepoType:
+    """The repo type an hf:// URI names when given as the input `input_name`."""
+    return parse_hub_uri(uri).repo_type or ("dataset" if input_name in DATA_INPUTS else "model")
 
 
 def is_hub_uri(text: object) -> bool:
@@ -81,3 +91,25 @@ def snapshot(uri: str, repo_type: RepoType = "model", allow_patterns: list[str] 
         ) from None
     except HfHubHTTPError as exc:
         raise StoreError(f"{uri}: the hub answered {exc}") from None
+
+
+def current_commit(uri: str, repo_type: RepoType = "model") -> str | None:
+    """The commit the URI's revision points at now: asked of the hub, or of the cache under HF_HUB_OFFLINE (or
+    when the hub cannot be reached); None when neither knows. A data version (retraining) compares these."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    ref = parse_hub_uri(uri)
+    kind = ref.repo_type or repo_type
+    if ref.revision and re.fullmatch(r"[0-9a-f]{40}", ref.revision):
+        return ref.revision
+    # Broad on purpose: a data version is worth a lookup, never a failed run (network, auth, cache misses).
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().repo_info(ref.repo_id, repo_type=kind, revision=ref.revision).sha
+        except Exception:
+            pass
+    try:
+        folder = snapshot_download(ref.repo_id, repo_type=kind, revision=ref.revision, local_files_only=True)
+    except Exception:
+        return None
+    return Path(folder).name

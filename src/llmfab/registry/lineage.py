@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from llmfab.data.version import DATA_FINGERPRINT_TAG
 from llmfab.errors import LlmfabError
-from llmfab.hub import is_hub_uri, parse_hub_uri
+from llmfab.hub import is_hub_uri, repo_type_of
 from llmfab.storage.content import content_hash
 
 INPUT_TAG = "llmfab.input."
@@ -53,12 +53,7 @@ def describe(uri: str, key: str) -> Artifact:
 def hub_model(uri: str, input_name: str) -> bool:
     """Whether `uri` is a model on the hub (a released checkpoint: a parent, not data), decided as the runner
     decides it: `hf://models/...`, or a plain `hf://ORG/NAME` given to an input that is not a data input."""
-    if not is_hub_uri(uri):
-        return False
-    from llmfab.stages.runner import DATA_INPUTS
-
-    repo_type = parse_hub_uri(uri).repo_type
-    return repo_type == "model" or (repo_type is None and input_name not in DATA_INPUTS)
+    return is_hub_uri(uri) and repo_type_of(uri, input_name) == "model"
 
 
 def parse_uris(value: str) -> list[str]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmfab.errors import LlmfabError
-from llmfab.hub import is_hub_uri, parse_hub_uri, snapshot
+from llmfab.hub import is_hub_uri, repo_type_of, snapshot
 from llmfab.stages.base import StageConfig, StageContext, get_stage
 from llmfab.storage import ObjectStore, open_store
 from llmfab.storage.content import DATA, content_hash
@@ -109,9 +109,6 @@ TEST_INPUTS = ("eval_prompts",)  # inputs read for measuring, not training; eval
 NOT_DATASETS = ("report", "registration")  # records the stage reads, not data it learns from or measures on
 
 
-DATA_INPUTS = ("data", "prompts", "corpus", "eval_prompts", "extra", "long_data")  # a plain hf:// here is a dataset
-
-
 def log_datasets(run, stage: str, inputs: dict[str, str | list[str]]) -> None:
     """Every dataset among the inputs as an MLflow run input: its store URI and its content's sha256 (a hub dataset:
     its hf:// URI and the commit it resolved to), train or test."""
@@ -119,8 +116,7 @@ def log_datasets(run, stage: str, inputs: dict[str, str | list[str]]) -> None:
         context = "test" if stage == "evaluate" or name in TEST_INPUTS else "train"
         for uri in [refs] if isinstance(refs, str) else refs:
             if is_hub_uri(uri):
-                repo_type = parse_hub_uri(uri).repo_type
-                if repo_type == "dataset" or (repo_type is None and name in DATA_INPUTS):
+                if repo_type_of(uri, name) == "dataset":
                     # The stage reads this snapshot next: resolving it here costs nothing more.
                     run.log_dataset(name, uri, Path(snapshot(uri, "dataset")).name, context, source_type="hf")
                 continue
