@@ -16,13 +16,11 @@ from typer.testing import CliRunner
 
 from conftest import TINY_MODEL, free_port, venv_tool
 from llmfab.cli import app
-from llmfab.stages.base import StageContext
 from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
 from llmfab.storage.checkpoint import fetch_checkpoint, list_step_checkpoints, step_name
 from llmfab.tracking import Tracker
-from llmfab.train.config import TrainConfig
-from llmfab.train.trainer import FAULT_ENV, STATE_FILE, Trainer, TrainingError
+from llmfab.train.trainer import FAULT_ENV, STATE_FILE
 
 STEPS = 6
 
@@ -136,15 +134,6 @@ def test_two_ranks_resume_after_a_crash(testbed, one_process, tmp_path):
     assert printed["metrics"]["resumed_from_step"] == 4.0
     assert _state(out)["history"] == pytest.approx(_state(one)["history"], rel=1e-4)
     _assert_same_weights(_weights(out), _weights(one))
-
-
-def test_multi_rank_deepspeed_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    ctx = StageContext("ds", open_store(tmp_path), show_progress=False)
-    config = TrainConfig(deepspeed={"zero_optimization": {"stage": 2}})
-    with pytest.raises(TrainingError, match="multi-process DeepSpeed is not supported"):
-        Trainer(torch.nn.Linear(2, 2), config, ctx, lambda m, b: (m(b).sum(), {}))
 
 
 def test_stage_cli_needs_an_output_under_torchrun(monkeypatch):

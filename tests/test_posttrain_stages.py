@@ -131,16 +131,16 @@ def test_reward_model_warm_soft_labels_margins(testbed, models, tmp_path):
 
 def test_warm_members_start_from_one_init_and_differ_in_data_order(testbed, models, tmp_path, monkeypatch):
     """WARM averages weights, so its reward models share one init, the new score head's included."""
-    import llmfab.stages.reward_model as rm_stage
+    import llmfab.train.lora as rm_loading  # the stage loads through train.lora.load_trainable
 
-    starts, real_load = [], rm_stage.load_model
+    starts, real_load = [], rm_loading.load_model
 
     def load_recording(*args, **kwargs):
         model = real_load(*args, **kwargs)
         starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
 
-    monkeypatch.setattr(rm_stage, "load_model", load_recording)
+    monkeypatch.setattr(rm_loading, "load_model", load_recording)
     cfg = {"warm": 2, "eval_pairs": 8, "train": {"max_steps": 1, "batch_size": 4}}
     m = _run("reward_model", cfg, {"init": models["base"], "data": testbed["preferences"]}, tmp_path).metrics
     assert len(starts) == 2 and starts[0].keys() == starts[1].keys()
@@ -453,3 +453,34 @@ def test_generated_samples_are_logged_to_mlflow(testbed, models, tmp_path, track
     rows = json.loads(Path(table).read_text())
     assert set(rows["columns"]) == {"task", "prompt", "response", "gold_reward"}
     assert 0 < len(rows["data"]) <= QUICK_EVAL["prompts"]
+
+
+def test_online_dpo_under_bf16_holds_its_frozen_models_in_bf16(testbed, models, tmp_path, monkeypatch):
+    """precision bf16: the reference and the reward model load in bf16 (half the memory; they only run forwards)
+    while the policy keeps fp32 master weights, and the episode's numbers stay finite."""
+    import math
+
+    import llmfab.train.rl_setup as rl_setup
+
+    loaded = {}
+    real_load, real_rm = rl_setup.load_model, rl_setup.load_reward_model
+    monkeypatch.setattr(rl_setup, "load_model", lambda *a, **k: loaded.setdefault("reference", real_load(*a, **k)))
+    monkeypatch.setattr(
+        rl_setup, "load_reward_model", lambda *a, **k: loaded.setdefault("reward_model", real_rm(*a, **k))
+    )
+    cfg = {
+        "episodes": 1,
+        "prompts_per_episode": 4,
+        "samples_per_prompt": 2,
+        "max_new_tokens": 6,
+        "keep_truncated": True,
+        "train": {"max_steps": 2, "batch_size": 2, "precision": "bf16"},
+        "eval": QUICK_EVAL,
+    }
+    inputs = {"model": models["teacher"], "reward_model": models["base"], "prompts": testbed["prompts"]}
+    m = _run("online_dpo", cfg, inputs, tmp_path / "odpo").metrics
+    assert {name: next(model.parameters()).dtype for name, model in loaded.items()} == {
+        "reference": torch.bfloat16,
+        "reward_model": torch.bfloat16,
+    }
+    assert all(math.isfinite(v) for v in m.values())

@@ -102,7 +102,7 @@ def test_runtime_follows_deepspeed_and_exists_in_manifests():
     ds = _render(config=ds_config)
     assert plain["spec"]["runtimeRef"]["name"] == "llmfab-train"
     assert ds["spec"]["runtimeRef"]["name"] == "llmfab-deepspeed"
-    assert ds["spec"]["trainer"]["numProcPerNode"] == 1  # DeepSpeed runs in one process
+    assert "numProcPerNode" not in ds["spec"]["trainer"]  # ZeRO shards over the runtime's `auto` ranks, as DDP
     for obj in (plain, ds):
         runtime = runtimes[obj["spec"]["runtimeRef"]["name"]]
         assert runtime["kind"] == obj["spec"]["runtimeRef"]["kind"]
@@ -111,8 +111,8 @@ def test_runtime_follows_deepspeed_and_exists_in_manifests():
         # The TrainJob gives args only: the runtime's torchrun starts `llmfab` with them on every rank.
         assert node["command"] == ["torchrun", "--no-python", "llmfab"]
         assert "command" not in obj["spec"]["trainer"]
-    with pytest.raises(ConfigError, match=r"train\.deepspeed runs in one process"):
-        _render(config=ds_config, num_nodes=2)
+    multi = _render(config=ds_config, num_nodes=2, procs_per_node=4)  # multi-node ZeRO: every rank uploads its shards
+    assert (multi["spec"]["trainer"]["numNodes"], multi["spec"]["trainer"]["numProcPerNode"]) == (2, 4)
 
 
 def test_image_registry_and_tag(monkeypatch):
@@ -507,7 +507,7 @@ def test_cli_launch_options_are_the_launch_config_fields():
         "--namespace", "--name", "--nodes", "--procs-per-node", "--gpus", "--cpu", "--memory", "--runtime", "--image",
         "--registry", "--tag", "--tracking-uri", "--experiment", "--parent-run-id", "--env", "--label", "--timeout",
         "--poll", "--cleanup", "--attach",
-        "--dry-run",
+        "--dry-run", "--gpu-memory", "--plan-check",  # launch's own: the memory plan checked before launching
     ]  # fmt: skip
     short = {"num_nodes": "nodes", "gpus_per_node": "gpus", "labels": "label", "timeout_s": "timeout", "poll_s": "poll"}
     for field, info in LaunchConfig.model_fields.items():

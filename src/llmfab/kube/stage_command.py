@@ -73,13 +73,7 @@ def uses_deepspeed(cfg) -> bool:
 
 
 def ranks_per_node(stage: str, launch: LaunchConfig, deepspeed: bool) -> int | None:
-    """numProcPerNode: the launch's (None keeps the runtime's `auto`), or 1 under DeepSpeed."""
-    if not deepspeed:
-        return launch.procs_per_node
-    if launch.num_nodes > 1 or (launch.procs_per_node or 1) > 1 or (launch.gpus_per_node or 0) > 1:
-        raise ConfigError(
-            f"stage {stage}: train.deepspeed runs in one process (multi-rank DeepSpeed is not supported: only "
-            "rank 0 uploads checkpoints); use one node, one process and at most one GPU, or drop "
-            "train.deepspeed to train data-parallel (DDP) on many"
-        )
-    return 1  # the runtime's `auto` would start one rank per GPU or CPU
+    """numProcPerNode: the launch's (None keeps the runtime's `auto`: one rank per GPU, or per CPU). DeepSpeed
+    runs on every rank as DDP does (ZeRO shards across all of them, each rank uploads its own checkpoint
+    shards), so `deepspeed` changes nothing here; it is kept for callers that pass it."""
+    return launch.procs_per_node

@@ -20,18 +20,39 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Weights load from safetensors only (no pickle), and a checkpoint's own Python code never runs: transformers would
 # otherwise load a pytorch_model.bin, or ask on stdin whether to run a config's `auto_map` code.
 SAFE_LOADING = {"trust_remote_code": False, "use_safetensors": True}
+# Big checkpoints load shard by shard into empty (meta-device) modules, never a random-initialised copy first: what
+# transformers 5 always does (it ignores the flag), and 4.x does with it.
+LOW_MEMORY = {"low_cpu_mem_usage": True}
+
+
+def frozen_dtype(train) -> str:
+    """The dtype a training stage loads the models it holds frozen in (reference, reward model, teacher): bf16 under
+    `precision: bf16` (they only run forwards, under bf16 autocast anyway), else fp32. The trained model itself
+    keeps fp32 master weights (see TrainConfig.precision)."""
+    return "bfloat16" if train.precision == "bf16" else "float32"
 
 
 def load_model(
-    ref: str | Path, *, dtype: str = "float32", device="cpu", kind: str = "causal_lm", merge_adapter: bool = True
+    ref: str | Path,
+    *,
+    dtype: str = "float32",
+    device="cpu",
+    kind: str = "causal_lm",
+    merge_adapter: bool = True,
+    quantization_config=None,
 ):
     """Load a causal LM (or, with kind='reward', a sequence-classification reward model).
 
     A palettized checkpoint (see models.palettize) is dequantized to `dtype`. A checkpoint holding a
     LoRA adapter (peft's adapter_config.json) gets it applied: merged into the weights, or with
-    merge_adapter=False as a peft model whose base stays as loaded.
+    merge_adapter=False as a peft model whose base stays as loaded. `quantization_config` (e.g. QLoRA's
+    BitsAndBytesConfig, see train.lora) goes to transformers' from_pretrained.
     """
     import transformers
+
+    loading = {**SAFE_LOADING, **LOW_MEMORY}
+    if quantization_config:
+        loading["quantization_config"] = quantization_config
 
     folder = loadable_folder(ref)
     if Path(folder).is_dir() and not (Path(folder) / "config.json").is_file():
@@ -42,7 +63,7 @@ def load_model(
         if is_palettized(folder):
             model = load_palettized(folder, DTYPES[dtype])
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], **SAFE_LOADING)
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], **loading)
         return _with_pad_id(_with_adapter(model, folder, merge_adapter), folder).to(device)
     if kind != "reward":
         raise ValueError(f"unknown model kind {kind!r}")
@@ -50,7 +71,7 @@ def load_model(
         raise ValueError(f"{ref}: a palettized or adapter checkpoint loads as a causal LM only, not a reward model")
     # From a causal LM checkpoint the scalar head is new (initialised from the torch RNG).
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        folder, dtype=DTYPES[dtype], num_labels=1, **SAFE_LOADING
+        folder, dtype=DTYPES[dtype], num_labels=1, **loading
     )
     return _with_pad_id(model, folder).to(device)
 
@@ -81,7 +102,13 @@ def _with_adapter(model, folder: str, merge: bool):
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, folder, is_trainable=False)
-    return peft_model.merge_and_unload() if merge else peft_model
+    if not merge:
+        return peft_model
+    merged = peft_model.merge_and_unload().requires_grad_(True)  # trainable, as any model loaded here
+    # transformers' from_pretrained attaches an adapter it finds beside float weights itself (peft's then takes
+    # its layers over); merged, the model holds no adapter and must save whole, not as its (gone) adapter.
+    merged._hf_peft_config_loaded = False
+    return merged
 
 
 def save_model(model, tokenizer, store: ObjectStore, meta: dict | None = None) -> str:

@@ -11,6 +11,7 @@ from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd
 from llmfab.models import init_model, load_model, load_tokenizer, save_model
+from llmfab.models.checkpoints import frozen_dtype
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.causal_lm import CausalLMConfig, packed_corpus, train_causal_lm
 from llmfab.train.distributed import training_device
@@ -74,7 +75,8 @@ def distillation_loss(teacher: torch.nn.Module, config: DistillConfig) -> Summed
 def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Student pretraining on the teacher's next-token distribution (forward KL / JSD / AFM top-1)."""
     tokenizer = load_tokenizer(inputs["tokenizer"])
-    teacher = load_model(inputs["teacher"], device=training_device()).eval()  # a GPU when there is one
+    # A GPU when there is one; bf16 under precision bf16 (frozen_dtype).
+    teacher = load_model(inputs["teacher"], dtype=frozen_dtype(config.train), device=training_device()).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)

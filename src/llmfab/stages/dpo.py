@@ -9,11 +9,12 @@ from pydantic import Field
 from llmfab.data.io import read_dataset
 from llmfab.data.options import DataOptions
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
-from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import micro_batches_per_step
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
+from llmfab.train.lora import AdapterOff, LoraConfig, load_trainable, save_trained
 from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps
 from llmfab.train.trainer import Trainer
 
@@ -21,6 +22,9 @@ from llmfab.train.trainer import Trainer
 class DPOConfig(StageConfig, DPOLossConfig, DataOptions):
     max_len: int = Field(256, gt=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig | None = Field(
+        None, description="LoRA / QLoRA adapters on a frozen base, which is also the reference; None: full fine-tuning"
+    )
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
 
 
@@ -38,7 +42,7 @@ class DPOConfig(StageConfig, DPOLossConfig, DataOptions):
 def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Offline DPO (sigmoid, sequence-summed log-probs), Llama 3.1 variant and OnDARE optional."""
     tokenizer = load_tokenizer(inputs["model"])
-    model = load_model(inputs["model"])
+    model = load_trainable(inputs["model"], config.lora, seed=config.seed)
     train = read_dataset(inputs["data"], "preference", "train", options=config)
     rows = encode_pairs(
         tokenizer,
@@ -54,7 +58,10 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     # its first S x batch pairs: the reference scores those, not the whole dataset (3.5x fewer on tiny).
     used = min(len(order), tc.max_steps * micro_batches_per_step(tc.grad_accum) * tc.batch_size)
     rows = {k: v[order[:used]] for k, v in rows.items()}
-    reference = load_model(inputs.get("reference", inputs["model"]))
+    if config.lora is not None and "reference" not in inputs:
+        reference = AdapterOff(model)  # the base itself: no second copy of the weights
+    else:
+        reference = load_model(inputs.get("reference", inputs["model"]))
     rows["ref_chosen"], rows["ref_rejected"] = reference_logps(reference, rows, tc.batch_size, tc.precision)
     del reference
     ctx.log_params({"train_pairs": len(order), "train_pairs_used": used})
@@ -71,4 +78,5 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     )
     trainer.fit(lambda step, micro: pair_batch(rows, step, micro, tc.batch_size, micro_batches_per_step(tc.grad_accum)))
     log_gold_eval(model, tokenizer, records, config.eval, ctx)
-    return {"model": save_model(model, tokenizer, ctx.output("model"), {"stage": "dpo", **ctx.metrics})}
+    meta = {"stage": "dpo", **ctx.metrics}
+    return {"model": save_trained(model, tokenizer, ctx.output("model"), meta, config.lora, inputs["model"])}

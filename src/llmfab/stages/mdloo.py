@@ -21,6 +21,8 @@ from llmfab.train.rollouts import (
     RolloutConfig,
     like_training,
     measure_policy,
+    rank_prompts,
+    rank_seed,
     response_logps,
     rollout_batch,
     sample_rollout,
@@ -91,11 +93,9 @@ def run(config: MDLOOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[
     reference.to(trainer.device)  # next to the policy (a GPU when there is one), as the reward model already is
 
     def build(iteration: int):
-        n = config.prompts_per_rollout
-        batch = [prompts[(iteration * n + i) % len(prompts)] for i in range(n)]
-        rows, stats = sample_rollout(
-            policy, reference, reward_model, tokenizer, batch, config, seed=config.seed * 7919 + iteration, **scoring
-        )
+        batch = rank_prompts(prompts, iteration, config.prompts_per_rollout)  # each rank its own
+        seed = rank_seed(config.seed * 7919 + iteration)
+        rows, stats = sample_rollout(policy, reference, reward_model, tokenizer, batch, config, seed=seed, **scoring)
         ctx.log_metrics({"iteration": iteration, **{f"rollout_{k}": v for k, v in stats.items()}},
                         step=iteration * config.inner_steps)  # fmt: skip
         return rows

@@ -5,6 +5,8 @@ Optimizer."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 
@@ -17,13 +19,14 @@ from llmfab.data.schemas import last_text
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval, score_gold
 from llmfab.generation import Samples, sample_policy
-from llmfab.models import save_model
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import rank_and_world, whole_weights
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
+from llmfab.train.lora import LoraConfig, save_trained
 from llmfab.train.pairs import best_and_worst, pair_batch, pair_tensors, reference_logps
 from llmfab.train.rl_setup import load_rl_setup
-from llmfab.train.rollouts import EpisodeBatches, sample_scores
+from llmfab.train.rollouts import EpisodeBatches, rank_prompts, rank_seed, sample_scores
 from llmfab.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ class OnlineDPOConfig(StageConfig, DPOLossConfig, DataOptions):
     )
     min_score_gap: float = Field(0.0, ge=0, description="skip prompts whose best and worst scores are closer")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig | None = Field(
+        None, description="LoRA / QLoRA adapters on a frozen base, which is also the reference; None: full fine-tuning"
+    )
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
 
     @model_validator(mode="after")
@@ -113,15 +119,16 @@ class Episodes:
 
     def sample(self, batch: list[dict], seed: int) -> Samples:
         was_training = self.policy.training
-        samples = sample_policy(
-            self.policy,
-            self.tok,
-            [r["prompt"] for r in batch],
-            n=self.config.samples_per_prompt,
-            temperature=self.config.temperature,
-            max_new_tokens=self.config.max_new_tokens,
-            seed=seed,
-        )
+        with whole_weights(self.policy):  # ZeRO-3: gathered on every rank, which answer different prompts
+            samples = sample_policy(
+                self.policy,
+                self.tok,
+                [r["prompt"] for r in batch],
+                n=self.config.samples_per_prompt,
+                temperature=self.config.temperature,
+                max_new_tokens=self.config.max_new_tokens,
+                seed=seed,
+            )
         self.policy.train(was_training)
         return samples
 
@@ -144,9 +151,11 @@ class Episodes:
 
     def build(self, episode: int) -> dict[str, torch.Tensor]:
         cfg, n = self.config, self.config.samples_per_prompt
-        start = episode * cfg.prompts_per_episode
-        batch = [self.prompts[(start + i) % len(self.prompts)] for i in range(cfg.prompts_per_episode)]
-        seed = cfg.seed * 7919 + episode
+        batch = rank_prompts(self.prompts, episode, cfg.prompts_per_episode)  # under torchrun, each rank its own
+        seed = rank_seed(cfg.seed * 7919 + episode)
+        rank, world = rank_and_world()
+        digests = [hashlib.sha256(json.dumps(r["prompt"]).encode()).hexdigest()[:10] for r in batch]
+        log.info("episode %d: rank %d of %d samples prompts %s", episode, rank, world, " ".join(digests))
         samples = self.sample(batch, seed)
         finished = torch.tensor(samples.finished, dtype=torch.float32)
         prompts = [batch[j // n]["prompt"] for j in range(len(samples.texts))]
@@ -213,7 +222,8 @@ class Episodes:
 )
 def run(config: OnlineDPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Online DPO episodes: sample n answers, RM best = chosen / worst = rejected, DPO update."""
-    rl = load_rl_setup(inputs, config)  # the reference moves to the training device when reference_logps runs
+    # The reference moves to the training device when reference_logps runs.
+    rl = load_rl_setup(inputs, config, lora=config.lora)
     policy, tokenizer, records = rl.policy, rl.tokenizer, rl.eval_records
     log_gold_eval(policy, tokenizer, records, config.eval, ctx, "_before")
     trainer = Trainer(
@@ -229,4 +239,5 @@ def run(config: OnlineDPOConfig, inputs: dict[str, str], ctx: StageContext) -> d
     tc = config.train
     trainer.fit(EpisodeBatches(episodes.build, episodes.steps, tc.batch_size, tc.grad_accum, pair_batch))
     log_gold_eval(policy, tokenizer, records, config.eval, ctx)
-    return {"model": save_model(policy, tokenizer, ctx.output("model"), {"stage": "online_dpo", **ctx.metrics})}
+    meta = {"stage": "online_dpo", **ctx.metrics}
+    return {"model": save_trained(policy, tokenizer, ctx.output("model"), meta, config.lora, inputs["model"])}

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from llmfab.config.base import StrictModel
 from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
@@ -24,24 +23,20 @@ from llmfab.storage.checkpoint import write_checkpoint
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import barrier, is_main_process, micro_batches_per_step
 from llmfab.train.lm import eval_lm_loss, step_batch
+from llmfab.train.lora import ADAPTER_FILES, LoraSettings
 from llmfab.train.sft import sft_loss
 from llmfab.train.sft_data import load_sft_rows
 from llmfab.train.trainer import Trainer
 
-ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors")
 
+class RecoveryLora(LoraSettings):
+    """AFM's recovery adapters: rank 16 on every linear layer (alpha 2r = 32), no dropout."""
 
-class LoraSettings(StrictModel):
-    r: int = Field(16, gt=0, description="adapter rank (AFM: 16)")
-    alpha: float = Field(32.0, gt=0, description="the update is alpha / r * B A")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = Field(
-        "all-linear", description="peft target_modules; all-linear: every linear layer except the output head"
-    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
 
 
 class RecoverConfig(DataOptions, StageConfig):
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: RecoveryLora = Field(default_factory=RecoveryLora)
     max_len: int = Field(256, gt=1, description="tokens per packed row; longer conversations are dropped")
     max_examples: int | None = Field(None, gt=0, description="train on the first N conversations (a slice)")
     teacher_weight: float = Field(
@@ -75,7 +70,7 @@ def gap_closed(float_value: float, palettized: float, recovered: float, *, highe
 )
 def run(config: RecoverConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
     """Train accuracy-recovery LoRA adapters on a frozen palettized base; compare float / palettized / recovered."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     base_folder = Path(resolve_ref(inputs["model"]))
     if not is_palettized(base_folder):
@@ -110,12 +105,8 @@ def run(config: RecoverConfig, inputs: dict[str, str], ctx: StageContext) -> dic
     params = count_parameters(base)
     measure(base, "palettized")
 
-    lora = config.lora
     torch.manual_seed(config.seed)  # LoRA's A matrices start random: seeded, so a rerun (or resume) is exact
-    model = get_peft_model(
-        base,
-        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
-    )
+    model = get_peft_model(base, config.lora.peft_config())
     adapter_params = count_parameters(model, trainable_only=True)
     ctx.log_params({"adapter_params": adapter_params, "base_params": params})
     trainer = Trainer(

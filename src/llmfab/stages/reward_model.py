@@ -8,18 +8,19 @@ from collections import defaultdict
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from llmfab.data.io import read_dataset
 from llmfab.data.options import DataOptions
 from llmfab.errors import DataError
 from llmfab.losses.preference import bradley_terry_loss
-from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.models import load_tokenizer
 from llmfab.models.merge import average_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.tracking import timing
 from llmfab.train.config import TrainConfig
 from llmfab.train.distributed import micro_batches_per_step
+from llmfab.train.lora import LoraConfig, load_trainable, save_trained
 from llmfab.train.pairs import AFM_LEVEL_LABELS, encode_pairs, pair_batch, pair_rewards, trim
 from llmfab.train.trainer import Trainer
 
@@ -41,6 +42,19 @@ class RewardModelConfig(DataOptions, StageConfig):
         1, ge=1, description="WARM: reward models fine-tuned from one init (data orders differ), averaged uniformly"
     )
     eval_pairs: int = Field(512, gt=0, description="held-out pairs scored for accuracy")
+    lora: LoraConfig | None = Field(
+        None, description="LoRA / QLoRA adapters on a frozen base (the score head trains whole); None: full"
+    )
+
+    @field_validator("lora")
+    @classmethod
+    def _reward_model_lora(cls, lora: LoraConfig | None, info: ValidationInfo):
+        if lora is not None and lora.save == "adapter":
+            # load_model applies adapters to causal LMs only; a reward model's checkpoint is a whole classifier.
+            raise ValueError("save=adapter: a reward model is saved merged (save=merged)")
+        if lora is not None and lora.quantize and info.data.get("warm", 1) > 1:
+            raise ValueError("quantize with warm > 1: WARM averages whole weights, here 4-bit ones; train one (warm=1)")
+        return lora
 
 
 def reward_loss(config: RewardModelConfig):
@@ -123,7 +137,7 @@ def run(config: RewardModelConfig, inputs: dict[str, str], ctx: StageContext) ->
         # Every member starts from the same init, the new score head's included: WARM averages weights, which
         # only makes sense for models fine-tuned from one init. They differ in data order alone.
         torch.manual_seed(config.seed)
-        model = load_model(inputs["init"], kind="reward")
+        model = load_trainable(inputs["init"], config.lora, kind="reward", seed=config.seed)
         if i == 0:
             ctx.log_params({"parameters": sum(p.numel() for p in model.parameters())})
             ctx.log_metrics({f"{k}_before": v for k, v in evaluate(model).items()})
@@ -143,4 +157,4 @@ def run(config: RewardModelConfig, inputs: dict[str, str], ctx: StageContext) ->
         model.load_state_dict(average_state_dicts(states))
         ctx.log_metrics(evaluate(model))
     meta = {"stage": "reward_model", **ctx.metrics}
-    return {"model": save_model(model, tokenizer, ctx.output("model"), meta)}
+    return {"model": save_trained(model, tokenizer, ctx.output("model"), meta, config.lora, inputs["init"], "reward")}

@@ -25,12 +25,15 @@ from llmfab.models.merge import ema_update, liti, slerp_state_dicts
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.storage.checkpoint import is_checkpoint
 from llmfab.train.config import TrainConfig
+from llmfab.train.distributed import whole_weights
 from llmfab.train.rl_setup import RLSetup, load_rl_setup
 from llmfab.train.rollouts import (
     EpisodeBatches,
     RolloutConfig,
     like_training,
     measure_policy,
+    rank_prompts,
+    rank_seed,
     response_logps,
     rollout_batch,
     sample_rollout,
@@ -84,11 +87,11 @@ def _train_run(policy, reward_model, tokenizer, prompts, config: WARPConfig, ctx
 
     def build(episode: int):
         if episode:  # the anchor trails the policy by one rollout; restored with the checkpoint on resume
-            ema_update(ema, policy, config.ema_decay)
-        n = config.prompts_per_rollout
-        batch = [prompts[order[(episode * n + i) % len(order)]] for i in range(n)]
+            with whole_weights(policy):  # ZeRO-3: every rank reads the whole policy
+                ema_update(ema, policy, config.ema_decay)
+        batch = rank_prompts(prompts, episode, config.prompts_per_rollout, order)  # each rank its own
         rows, stats = sample_rollout(
-            policy, ema, reward_model, tokenizer, batch, config, seed=seed * 7919 + episode, **scoring
+            policy, ema, reward_model, tokenizer, batch, config, seed=rank_seed(seed * 7919 + episode), **scoring
         )
         ctx.log_metrics({f"rollout_{k}": v for k, v in stats.items()}, step=episode * config.steps_per_rollout)
         return rows

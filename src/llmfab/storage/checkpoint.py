@@ -37,20 +37,32 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def write_checkpoint(store: ObjectStore, local_dir: str | Path, meta: dict | None = None) -> str:
-    """Upload `local_dir` as a checkpoint rooted at `store`; returns its URI."""
+def file_entry(path: str | Path) -> dict:
+    """A file's manifest entry (size and sha256)."""
+    return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_checkpoint(
+    store: ObjectStore, local_dir: str | Path, meta: dict | None = None, uploaded: dict[str, dict] | None = None
+) -> str:
+    """Upload `local_dir` as a checkpoint rooted at `store`; returns its URI. `uploaded`: files other writers (the
+    other ranks' ZeRO shards) already put under `store`, by name, with their file_entry: listed in the manifest
+    too, and kept. Whoever writes them deletes the old MANIFEST before they do."""
     local_dir = Path(local_dir)
     names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
-    if MANIFEST in names:
+    uploaded = dict(uploaded or {})
+    if MANIFEST in names or MANIFEST in uploaded:
         raise CheckpointError(f"{local_dir}: a checkpoint folder may not contain its own {MANIFEST}")
+    if set(names) & set(uploaded):
+        raise CheckpointError(f"{local_dir}: {sorted(set(names) & set(uploaded))} written twice")
     # Invalidate any previous checkpoint here first, then drop files the new one does not have.
     store.delete(MANIFEST)
-    for stale in set(store.list()) - set(names):
+    for stale in set(store.list()) - set(names) - set(uploaded):
         store.delete(stale)
-    files = {}
+    files = dict(uploaded)
     for name in names:
         path = local_dir / name
-        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        files[name] = file_entry(path)
         store.put_file(name, path)
     manifest = {"format": FORMAT, "created": time.time(), "files": files, "meta": meta or {}}
     store.put_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))

@@ -24,7 +24,22 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "bf16: mixed precision with fp32 master weights. The trained model keeps fp32 weights and AdamW states "
+            "(plain torch: matmuls autocast to bf16; DeepSpeed: bf16 working weights and gradients, fp32 master "
+            "copy and states in its optimizer), never AdamW on bf16 weights, whose small updates round away; "
+            "frozen models the stage holds (reference, reward model, teacher) load in bf16"
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "recompute each decoder layer's activations in the backward instead of keeping them (non-reentrant "
+            "torch.utils.checkpoint): about a third more compute for activations of one hidden state per layer"
+        ),
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="save a resumable checkpoint every N steps (0: none; the stage still writes its output)"
     )

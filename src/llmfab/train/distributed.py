@@ -2,13 +2,24 @@
 
 Under torchrun or a Kubeflow TrainJob, RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT come
 from the launcher; a single process gets single-process defaults so DeepSpeed also runs on one CPU.
+
+ZeRO-3 partitions the weights themselves: between `deepspeed_engine` and `unshard_zero3` a parameter of the
+model holds only this rank's slice, and a forward gathers each layer's weights as it runs (a collective:
+every rank must run the same forwards). Code that reads the weights outside the training forward, or that
+runs a different number of forwards on each rank (generation of rank-local prompts), does it inside
+`whole_weights(model)`, which gathers every weight on every rank and lifts the per-layer hooks meanwhile.
+The frozen models of a stage (reference, reward model, teacher, WARP's EMA anchor) are not sharded: each rank
+holds them whole (no gradients or optimizer states, which are most of what ZeRO saves).
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
 import datetime
 import os
+import weakref
 
 import torch
 
@@ -105,16 +116,28 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-item list in a single process)."""
+    if distributed_world() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def deepspeed_config(
     user: dict, *, batch_size: int, grad_accum: int, max_grad_norm: float | None, precision: str
 ) -> dict:
-    """The user's DeepSpeed config with the values our TrainConfig owns filled in (ours win)."""
-    stage = user.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ConfigError(
-            f"train.deepspeed.zero_optimization.stage: {stage} is not supported (0, 1 or 2): "
-            "stage 3 partitions the weights, which our HF checkpoints write whole"
-        )
+    """The user's DeepSpeed config with the values our TrainConfig owns filled in (ours win). The global batch
+    is DeepSpeed's train_batch_size = batch_size × grad_accum × ranks, as under DDP."""
+    zero = user.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed.zero_optimization.stage: {stage} is not a ZeRO stage (0, 1, 2 or 3)")
+    if stage < 3 and "offload_param" in zero:
+        raise ConfigError("train.deepspeed.zero_optimization.offload_param needs stage 3 (it offloads weight shards)")
     cfg = {
         "zero_allow_untested_optimizer": True,  # we pass our own AdamW
         "zero_force_ds_cpu_optimizer": False,
@@ -139,5 +162,73 @@ def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
         ("MASTER_PORT", "29500"),
     ):
         os.environ.setdefault(key, default)
+    dtypes = {id(p): p.dtype for p in model.parameters()}  # bf16 training casts the module
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if engine.zero_optimization_partition_weights():
+        _ZERO3[model] = engine
+        _ZERO3_DTYPES[model] = dtypes
     return engine
+
+
+# Models whose weights a ZeRO-3 engine has partitioned, and that engine (until unshard_zero3); and the dtype of each
+# of their weights before deepspeed.initialize.
+_ZERO3: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ZERO3_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether `model`'s weights are ZeRO-3 partitioned across the ranks (each holds a slice)."""
+    return model in _ZERO3
+
+
+@contextlib.contextmanager
+def whole_weights(model: torch.nn.Module):
+    """Inside, every rank holds `model`'s whole weights and runs it without collectives (so ranks may generate
+    different lengths from different prompts, or read the weights); changes made inside are not kept.
+    A no-op for a model that is not ZeRO-3 partitioned. Costs the whole model in memory on every rank,
+    as generation under ZeRO-3 does in TRL or DeepSpeed-Chat."""
+    engine = _ZERO3.get(model)
+    if engine is None:
+        yield model
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        # The per-layer hooks would release (re-partition) each layer's weights after its forward.
+        for param in model.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield model
+        finally:
+            offload._register_deepspeed_module(offload.module, count=[0])  # the module ids it gave them first
+
+
+def unshard_zero3(engine, model: torch.nn.Module) -> None:
+    """End ZeRO-3 for `model`: gather its weights whole on every rank (trainable ones from the optimizer's fp32
+    master copy, in the dtype the model had before DeepSpeed), drop the engine's hooks and partitions, and leave a
+    plain module behind (evaluation, generation and save_pretrained run on it as on any other)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    dtypes = _ZERO3_DTYPES.pop(model, {})
+    params = list(model.parameters())
+    whole = []
+    for param in params:
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                full = param.data.clone()
+        whole.append(full.to(dtypes.get(id(param), param.dtype)).reshape(param.ds_shape))
+    engine.destroy()
+    for module in model.modules():
+        if type(module._parameters).__name__ == "ZeROOrderedDict":  # gathers on access
+            module._parameters = collections.OrderedDict(module._parameters)
+    for param, full in zip(params, whole, strict=True):
+        param.data = full
+        for attr in [a for a in vars(param) if a.startswith("ds_") or a in ("_z3_optimizer", "is_external_param")]:
+            delattr(param, attr)
+    _ZERO3.pop(model, None)

@@ -62,6 +62,10 @@ def online_merging_wrapper(config: DPOLossConfig, model, base_ref: str | None, s
         return None
     if base_ref is None:
         raise ConfigError("optimizer=online_merging needs the `base` input (the model SFT started from)")
+    from llmfab.train.lora import is_lora
+
+    if is_lora(model):  # it merges whole weights' task vectors; a LoRA run trains adapters only
+        raise ConfigError("optimizer=online_merging does not run with lora (it merges full weights); drop one")
     from llmfab.models import load_model
 
     base = dict(load_model(base_ref).named_parameters())

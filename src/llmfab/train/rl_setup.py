@@ -14,7 +14,9 @@ from llmfab.data.io import read_dataset
 from llmfab.errors import DataError
 from llmfab.evaluation.gold import eval_records
 from llmfab.models import load_model, load_tokenizer
+from llmfab.models.checkpoints import frozen_dtype
 from llmfab.train.distributed import training_device
+from llmfab.train.lora import AdapterOff, LoraConfig, load_trainable
 from llmfab.train.reward_inputs import load_reward_model
 from llmfab.train.rollouts import RolloutConfig, heldout_records
 
@@ -25,30 +27,37 @@ class RLSetup:
 
     tokenizer: Any  # the policy's (a transformers tokenizer)
     policy: torch.nn.Module  # trainable, on the CPU until its Trainer places it
-    reference: torch.nn.Module  # eval mode, no grad, on the CPU: each stage places it
+    reference: torch.nn.Module  # eval mode, no grad, on the CPU: each stage places it (with LoRA: AdapterOff)
     reward_model: torch.nn.Module  # eval mode, no grad, on training_device()
     prompts: list[dict]  # the `prompts` input's train split
     eval_records: list[dict]  # gold-reward prompts (evaluation.gold.eval_records); [] when config.eval.prompts=0
     held_out: list[dict]  # rollouts.heldout_records; [] when heldout_prompts=0 or not a RolloutConfig (online_dpo)
 
 
-def load_rl_setup(inputs: dict[str, str], config, *, reference_is_policy_copy: bool = False) -> RLSetup:
+def load_rl_setup(
+    inputs: dict[str, str], config, *, reference_is_policy_copy: bool = False, lora: LoraConfig | None = None
+) -> RLSetup:
     """The start of an RL stage whose `config` has an `eval` (GoldEvalConfig); a RolloutConfig's
     max_prompts caps the training prompts and its heldout_prompts reads the held-out ones.
 
     The reference is the `reference` input, else the `model` input; with reference_is_policy_copy
-    (WARP: no reference input, KL is to the stage's input model) a frozen copy of the loaded policy.
+    (WARP: no reference input, KL is to the stage's input model) a frozen copy of the loaded policy. With
+    `lora` the policy is the frozen `model` with trainable adapters, and without a `reference` input the
+    reference is that base, the adapter switched off (train.lora.AdapterOff): no second copy.
     Models load in the order tokenizer, policy, reference, reward model: a reward model made from a
     causal LM checkpoint draws its new head from the torch RNG, so this order keeps seeded runs as they were."""
     tokenizer = load_tokenizer(inputs["model"])
-    policy = load_model(inputs["model"])
-    if reference_is_policy_copy:
+    policy = load_trainable(inputs["model"], lora, seed=config.seed)
+    if lora is not None and "reference" not in inputs and not reference_is_policy_copy:
+        reference = AdapterOff(policy)
+    elif reference_is_policy_copy:
         reference = copy.deepcopy(policy)
     else:
-        reference = load_model(inputs.get("reference", inputs["model"]))
+        reference = load_model(inputs.get("reference", inputs["model"]), dtype=frozen_dtype(config.train))
     reference.eval().requires_grad_(False)
     # The reward model scores every sample: next to the policy (a GPU when there is one).
-    reward_model = load_reward_model(inputs["reward_model"], tokenizer).eval().requires_grad_(False)
+    reward_model = load_reward_model(inputs["reward_model"], tokenizer, dtype=frozen_dtype(config.train))
+    reward_model.eval().requires_grad_(False)
     reward_model.to(training_device())
     rollout = config if isinstance(config, RolloutConfig) else None  # online_dpo has its own sampling config
     prompts = read_dataset(

@@ -26,7 +26,7 @@ from llmfab.generation import Samples, sample_policy
 from llmfab.losses.preference import sequence_logps
 from llmfab.losses.rl import kl_penalized_rewards, leave_one_out_advantages
 from llmfab.tracking import timing
-from llmfab.train.distributed import micro_batches_per_step
+from llmfab.train.distributed import rank_and_world, whole_weights
 from llmfab.train.lm import step_batch
 from llmfab.train.pairs import pad_right, reward_scores_of_ids
 from llmfab.train.reward_inputs import OWN_TOKENIZER, reencoded
@@ -175,18 +175,20 @@ def sample_rollout(
     computed as its forward computes them."""
     k = config.samples_per_prompt
     was_training = policy.training
-    samples = sample_policy(
-        policy,
-        tokenizer,
-        [r["prompt"] for r in records],
-        n=k,
-        temperature=config.temperature,
-        max_new_tokens=config.max_new_tokens,
-        seed=seed,
-    )
-    _check_lengths(samples, records, k, config.max_len)
-    rows = sample_rows(samples, tokenizer.pad_token_id)
-    old = batched_sequence_logps(policy, rows, batch_size, precision, config.temperature)
+    # Under ZeRO-3 the policy is gathered whole on every rank for this: ranks answer different prompts.
+    with whole_weights(policy):
+        samples = sample_policy(
+            policy,
+            tokenizer,
+            [r["prompt"] for r in records],
+            n=k,
+            temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
+            seed=seed,
+        )
+        _check_lengths(samples, records, k, config.max_len)
+        rows = sample_rows(samples, tokenizer.pad_token_id)
+        old = batched_sequence_logps(policy, rows, batch_size, precision, config.temperature)
     policy.train(was_training)
     anchor_logps = batched_sequence_logps(anchor, rows, batch_size, precision, config.temperature)
     prompts = [records[j // k]["prompt"] for j in range(len(samples.texts))]
@@ -247,10 +249,26 @@ def measure_policy(
     return out
 
 
+def rank_prompts(prompts: list, episode: int, per_rank: int, order: list[int] | None = None) -> list:
+    """This rank's `per_rank` prompts of `episode` (in `order`, cycling): an episode takes per_rank × ranks
+    consecutive prompts and rank r the r-th block of them, so under torchrun every rank samples its own
+    prompts, and one process takes what it always took."""
+    rank, world = rank_and_world()
+    start = (episode * world + rank) * per_rank
+    picked = [(start + i) % len(prompts) for i in range(per_rank)]
+    return [prompts[order[i] if order is not None else i] for i in picked]
+
+
+def rank_seed(seed: int) -> int:
+    """`seed` on rank 0 (and in one process), a different stream on each other rank."""
+    return seed + 1_000_003 * rank_and_world()[0]
+
+
 class EpisodeBatches:
     """batch_for_step for the Trainer when the policy makes its own data: episode e's rows come from
     `build(e)` when its first step arrives (after a resume, from the restored policy) and are served
-    for `steps_per_episode` steps."""
+    for `steps_per_episode` steps. Under torchrun the rows are this rank's own (built from its own
+    prompts, rank_prompts): the Trainer's micro-batch `m * ranks + rank` is this rank's m-th."""
 
     def __init__(self, build: Callable[[int], Rows], steps_per_episode: int, batch_size: int, grad_accum: int, batcher):
         self.build, self.steps, self.batch_size, self.grad_accum = build, steps_per_episode, batch_size, grad_accum
@@ -261,5 +279,5 @@ class EpisodeBatches:
         episode = step // self.steps
         if episode != self.current:
             self.rows, self.current = self.build(episode), episode
-        per_step = micro_batches_per_step(self.grad_accum)
-        return self.batcher(self.rows, step - episode * self.steps, micro, self.batch_size, per_step)
+        world = rank_and_world()[1]
+        return self.batcher(self.rows, step - episode * self.steps, micro // world, self.batch_size, self.grad_accum)

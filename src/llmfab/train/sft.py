@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from llmfab.config.base import StrictModel
 from llmfab.data.chat import encode_response
@@ -15,11 +15,13 @@ from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.losses.distill import generalized_jsd
-from llmfab.models import load_model, load_tokenizer, save_model
+from llmfab.models import load_model, load_tokenizer
+from llmfab.models.checkpoints import frozen_dtype
 from llmfab.train.config import TrainConfig
 from llmfab.train.context import RunContext
-from llmfab.train.distributed import micro_batches_per_step, training_device
+from llmfab.train.distributed import micro_batches_per_step, training_device, whole_weights
 from llmfab.train.lm import eval_lm_loss, lm_forward, lm_loss, step_batch, target_tokens, token_nll_sum
+from llmfab.train.lora import LoraConfig, load_trainable, save_trained
 from llmfab.train.sft_data import load_sft_rows
 from llmfab.train.trainer import SummedLoss, Trainer
 
@@ -28,6 +30,7 @@ class FineTuneConfig(StrictModel):
     max_len: int = Field(256, gt=1, description="tokens per packed row; longer conversations are dropped")
     max_examples: int | None = Field(None, gt=0, description="train on the first N conversations only")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig | None = Field(None, description="LoRA / QLoRA adapters on a frozen base; None: full fine-tuning")
     eval: GoldEvalConfig = Field(default_factory=GoldEvalConfig)
     distill: Literal["none", "logits", "on_policy"] = Field(
         "none",
@@ -38,12 +41,6 @@ class FineTuneConfig(StrictModel):
     teacher_weight: float = Field(0.5, ge=0, le=1, description="logits: weight of the KL term (1 - w on true tokens)")
     temperature: float = Field(1.0, gt=0, description="on_policy: the student's sampling temperature")
     max_new_tokens: int = Field(32, gt=0, description="on_policy: length of the student's answers")
-
-    @model_validator(mode="after")
-    def _on_policy_batches(self):
-        if self.distill == "on_policy" and self.train.deepspeed is not None:
-            raise ValueError("distill=on_policy samples with generate(); run it without deepspeed")
-        return self
 
 
 def teacher_kl(teacher, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,15 +81,16 @@ class OnPolicyBatches:
         start = ((step * micro_batches_per_step(self.config.train.grad_accum) + micro) * bs) % len(self.prompts)
         prompts = (self.prompts * 2)[start : start + bs]
         was_training = self.model.training
-        answers = generate_chat(
-            self.model,
-            self.tokenizer,
-            prompts,
-            temperature=self.config.temperature,
-            max_new_tokens=self.config.max_new_tokens,
-            seed=self.seed * 100_003 + step * 1009 + micro,
-            batch_size=bs,
-        )
+        with whole_weights(self.model):  # ZeRO-3: gathered on every rank, which answer their own prompts
+            answers = generate_chat(
+                self.model,
+                self.tokenizer,
+                prompts,
+                temperature=self.config.temperature,
+                max_new_tokens=self.config.max_new_tokens,
+                seed=self.seed * 100_003 + step * 1009 + micro,
+                batch_size=bs,
+            )
         self.model.train(was_training)
         # Truncated answers are kept: the loss is the teacher's whole distribution at each answer
         # position, not the sampled token, so a cut-off answer is still a valid target.
@@ -117,7 +115,7 @@ def fine_tune(config: FineTuneConfig, inputs: dict[str, str], ctx: RunContext, s
     if config.distill != "none" and "teacher" not in inputs:
         raise ConfigError(f"sft: distill={config.distill} needs a `teacher` input")
     tokenizer = load_tokenizer(inputs["model"])
-    model = load_model(inputs["model"])
+    model = load_trainable(inputs["model"], config.lora, seed=seed)
     tc = config.train
     options = config if isinstance(config, DataOptions) else None  # the sft stage's; rejection_sampling's own data
     data = load_sft_rows(
@@ -133,7 +131,8 @@ def fine_tune(config: FineTuneConfig, inputs: dict[str, str], ctx: RunContext, s
     log_gold_eval(model, tokenizer, records, config.eval, ctx, "_before")
     teacher = None
     if config.distill != "none":
-        teacher = load_model(inputs["teacher"], device=training_device()).eval().requires_grad_(False)
+        teacher = load_model(inputs["teacher"], dtype=frozen_dtype(tc), device=training_device())
+        teacher.eval().requires_grad_(False)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError("sft: teacher and student vocabularies differ; distillation needs a shared tokenizer")
     if config.distill == "on_policy":
@@ -151,4 +150,5 @@ def fine_tune(config: FineTuneConfig, inputs: dict[str, str], ctx: RunContext, s
     trainer.fit(batches)
     trainer.evaluate()
     log_gold_eval(model, tokenizer, records, config.eval, ctx)
-    return save_model(model, tokenizer, ctx.output("model"), {"stage": "sft", **ctx.metrics})
+    meta = {"stage": "sft", **ctx.metrics}
+    return save_trained(model, tokenizer, ctx.output("model"), meta, config.lora, inputs["model"])

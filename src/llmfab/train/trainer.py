@@ -13,6 +13,15 @@ process with G * N. Logged losses and metrics are means over all ranks; rank 0 a
 checkpoints and talks to MLflow while the others wait at a barrier. `self.model` stays the bare
 module (evaluation, saving, attribute access); the loss function gets the DDP wrapper to call.
 
+With `train.deepspeed` the loss function calls DeepSpeed's engine instead, on every rank the same way (the
+global batch is again batch_size × grad_accum × ranks): ZeRO 1-2 shard optimizer states and gradients, ZeRO-3
+also the weights (distributed.py: `whole_weights` gathers them for generation and evaluation). A checkpoint
+then holds DeepSpeed's own save: every rank writes its shards and uploads them under the step's prefix, and
+rank 0 adds the HF folder (under ZeRO-3 gathered layer by layer onto rank 0), the trainer state and, last, the
+manifest listing all of them; a resume fetches it on every rank and reloads the shards (same number of ranks).
+At the end of `fit` ZeRO-3 weights are gathered whole on every rank (`unshard_zero3`, in the model's own dtype),
+so the stage evaluates, generates and saves a plain model as in any other run.
+
 What a step minimises: a plain loss function returns a micro-batch's mean (over its pairs, say), and
 the step's loss is the mean over its micro-batches (on all ranks). A `SummedLoss` returns a
 micro-batch's sum over its units (target tokens) and the step's loss is the sum over all its
@@ -30,6 +39,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,8 +50,10 @@ import torch
 from llmfab.errors import CheckpointError, LlmfabError
 from llmfab.storage import ObjectStore
 from llmfab.storage.checkpoint import (
+    MANIFEST,
     delete_checkpoint,
     fetch_checkpoint,
+    file_entry,
     list_step_checkpoints,
     step_name,
     write_checkpoint,
@@ -50,21 +62,27 @@ from llmfab.tracking import timing
 from llmfab.train.config import TrainConfig
 from llmfab.train.context import TrainingContext
 from llmfab.train.distributed import (
+    all_gather_object,
     all_reduce_sum,
     barrier,
     deepspeed_config,
     deepspeed_engine,
     init_process_group,
     is_main_process,
+    is_partitioned,
     rank_and_world,
     training_device,
+    unshard_zero3,
+    whole_weights,
 )
+from llmfab.train.memory import enable_gradient_checkpointing, restore_use_cache
 from llmfab.train.schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 DS_DIR = "deepspeed"
 FAULT_ENV = "LLMFAB_FAIL_AT_STEP"
+FAULT_SIGNAL_ENV = "LLMFAB_FAIL_SIGNAL"  # KILL: rank 0 SIGKILLs itself at FAULT_ENV's step instead of raising
 TOKEN_KEYS = ("input_ids", "chosen_ids", "rejected_ids")  # counted for tokens_per_sec
 
 Batch = dict[str, torch.Tensor]
@@ -150,6 +168,8 @@ class Trainer:
         extra_state: torch.nn.Module | None = None,
     ):
         self.model = model
+        if config.gradient_checkpointing:  # before any wrapper (DDP, DeepSpeed) takes the model
+            enable_gradient_checkpointing(model)
         self.config = config
         self.ctx = ctx
         self.loss_fn = loss_fn
@@ -176,13 +196,6 @@ class Trainer:
         self.step = 0
         self.history: list[float] = []
         self.rank, self.world_size = rank_and_world()
-        if self.world_size > 1 and config.deepspeed is not None:
-            # Each rank's ZeRO optimizer shard would have to reach the checkpoint too; only rank 0 uploads.
-            raise TrainingError(
-                f"WORLD_SIZE={self.world_size} with train.deepspeed: multi-process DeepSpeed is not supported "
-                "(only rank 0 uploads checkpoints, so the other ranks' ZeRO optimizer shards would be lost); "
-                "run DeepSpeed in one process, or drop train.deepspeed to train data-parallel with DDP"
-            )
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.engine = None
         if self.world_size > 1:
@@ -201,31 +214,53 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> str | None:
-        """Write a resumable checkpoint: rank 0 uploads it while the other ranks wait (every rank joins
-        DeepSpeed's save). Returns its URI on rank 0, None elsewhere."""
+        """Write a resumable checkpoint: rank 0 uploads it while the other ranks wait (under DeepSpeed every rank
+        joins the save and uploads its own ZeRO shards first). Returns its URI on rank 0, None elsewhere."""
         uri = self._write_checkpoint() if self.rank == 0 or self.engine is not None else None
         barrier()
         return uri
 
     def _write_checkpoint(self) -> str | None:
+        store = self.ckpt_store.sub(step_name(self.step))
         with tempfile.TemporaryDirectory(prefix="llmfab-train-") as tmp:
-            state = {"step": self.step, "rng": _rng_state(), "history": self.history}
+            state = {"step": self.step, "rng": _rng_state(), "history": self.history, "world_size": self.world_size}
             if self.extra_state is not None:
                 state["extra"] = self.extra_state.state_dict()
+            uploaded, weights = {}, None
             if self.engine is not None:
+                if is_main_process():
+                    store.delete(MANIFEST)  # no rank's new shard may sit beside the old manifest
+                barrier()
                 self.engine.save_checkpoint(str(Path(tmp) / DS_DIR), tag="state")
+                uploaded = self._upload_rank_files(store, Path(tmp))
+                if is_partitioned(self.model):  # the HF folder's weights, gathered layer by layer onto rank 0
+                    weights = self.engine._zero3_consolidated_16bit_state_dict()
             else:
                 state["optimizer"] = self.optimizer.state_dict()
             if not is_main_process():
                 return None
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             torch.save(state, Path(tmp) / STATE_FILE)
-            uri = write_checkpoint(self.ckpt_store.sub(step_name(self.step)), tmp, {**self.meta, "step": self.step})
+            uri = write_checkpoint(store, tmp, {**self.meta, "step": self.step}, uploaded=uploaded)
         for _, name in list_step_checkpoints(self.ckpt_store)[: -self.config.keep_checkpoints]:
             delete_checkpoint(self.ckpt_store.sub(name))
         return uri
+
+    def _upload_rank_files(self, store: ObjectStore, local: Path) -> dict[str, dict]:
+        """The files DeepSpeed's save wrote on ranks other than 0 (their ZeRO shards), uploaded by those ranks under
+        `store` before rank 0 writes the manifest; returns their manifest entries (on every rank). A name several
+        ranks wrote is the lowest rank's; rank 0 uploads its own with the manifest."""
+        names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        taken = {n for names_r in all_gather_object(names)[: self.rank] for n in names_r}
+        entries = {}
+        if self.rank != 0:
+            for name in names:
+                if name not in taken:
+                    entries[name] = file_entry(local / name)
+                    store.put_file(name, local / name)
+        return {k: v for rank_entries in all_gather_object(entries) for k, v in rank_entries.items()}
 
     def _newest_good_checkpoint(self) -> tuple[int, ObjectStore, Path] | None:
         """The newest complete checkpoint whose files match its manifest, fetched. One with a manifest but
@@ -249,13 +284,20 @@ class Trainer:
         if found is None:
             return False
         step, store, folder = found
-        load_weights(self.model, folder)
+        if not is_partitioned(self.model):  # ZeRO-3's weight shards come back with the engine's load below
+            load_weights(self.model, folder)
         try:
             state = torch.load(folder / STATE_FILE, weights_only=True)  # no pickled code from a store
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"{store.uri_for(STATE_FILE)}: refused (only tensors and plain data are unpickled): {exc}"
             ) from None
+        saved_world = state.get("world_size", 1)
+        if self.engine is not None and saved_world != self.world_size:
+            raise TrainingError(
+                f"{store.uri}: its DeepSpeed ZeRO states are sharded over {saved_world} ranks, this run has "
+                f"{self.world_size}; resume with {saved_world} (or move the checkpoints away to start afresh)"
+            )
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / DS_DIR), tag="state", load_module_strict=False)
         else:
@@ -382,9 +424,16 @@ class Trainer:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
             if fail_at and self.step == fail_at:
+                if os.environ.get(FAULT_SIGNAL_ENV) == "KILL" and self.rank == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all; torchrun stops the other ranks
                 raise InjectedFault(f"{FAULT_ENV}={fail_at}: simulated crash after step {self.step}")
         bar.close()
         self.ddp = None  # its gradient hooks go with it; a later fit (or Trainer) wraps the model afresh
+        if is_partitioned(self.model):
+            # Whole weights on every rank from here: the stage evaluates, generates and saves a plain model.
+            unshard_zero3(self.engine, self.model)
+            self.engine = None
+        restore_use_cache(self.model)  # the saved config asks for the KV cache again
         self.model.eval()
         return self.model
 
@@ -394,10 +443,12 @@ class Trainer:
     @torch.no_grad()
     @timing.timed("score")
     def evaluate(self) -> dict[str, float]:
-        """`eval_fn` on the bare model (every rank runs it on the same weights, so all agree)."""
+        """`eval_fn` on the bare model (every rank runs it on the same weights, so all agree; under ZeRO-3 gathered
+        whole for it, so it may generate)."""
         was_training = self.model.training
         self.model.eval()
-        metrics = self.eval_fn(self.model)
+        with whole_weights(self.model):
+            metrics = self.eval_fn(self.model)
         self._log(metrics, step=self.step)
         self.model.train(was_training)
         return metrics
