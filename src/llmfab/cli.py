@@ -280,34 +280,6 @@ PlanCheckOpt = Annotated[
 ]
 
 
-def _check_plan(recipe, gpus_of: Callable[[str], int], gpu_memory: float) -> None:
-    """`llmfab plan`'s check before a submit: a ConfigError naming every training step that does not fit."""
-    from llmfab.errors import ConfigError
-    from llmfab.memory_plan import frozen_models, is_training_config, plan_step, shape_of_step
-
-    plans, sizes = [], set()
-    for step in recipe.steps:
-        if is_training_config(step.config):
-            n = gpus_of(step.base_id) if step.base_id == step.id else max(gpus_of(step.base_id), gpus_of(step.id))
-            sizes.add(n)
-            shape, frozen = shape_of_step(recipe, step), frozen_models(recipe, step)
-            plans.append(plan_step(step.id, step.stage, step.config, shape, frozen, n, gpu_memory))
-    failure = _plan_failure(plans, "/".join(map(str, sorted(sizes))), gpu_memory)
-    if failure:
-        raise ConfigError(f"{failure} (see `llmfab plan`; --no-plan-check skips this check)")
-
-
-def _check_stage_plan(stage: str, data: dict, inputs: dict, gpus: int, gpu_memory: float) -> None:
-    from llmfab.errors import ConfigError
-    from llmfab.memory_plan import plan_stage
-    from llmfab.stages.base import get_stage
-
-    plan = plan_stage(stage, get_stage(stage).make_config(data), inputs, gpus, gpu_memory)
-    failure = _plan_failure([plan] if plan is not None else [], gpus, gpu_memory)
-    if failure:
-        raise ConfigError(f"{failure} (see `llmfab plan`; --no-plan-check skips this check)")
-
-
 # LaunchConfig's fields are launch's options: a new field is a new option. Some are spelled shorter here; the
 # Secrets' names and the GPU resource name are the cluster's, left to Python and pipelines.
 @app.command()
@@ -351,7 +323,9 @@ def launch(
         settings = validate(LaunchConfig, launch_options(), "llmfab launch")
         settings = settings.model_copy(update={"name": settings.name or trainjob_name(name)})
         if plan_check and not dry_run:
-            _check_stage_plan(name, data, inputs, settings.num_nodes * (settings.gpus_per_node or 1), gpu_memory)
+            from llmfab.memory_plan import check_stage_fits
+
+            check_stage_fits(name, data, inputs, settings.num_nodes * (settings.gpus_per_node or 1), gpu_memory)
         if dry_run:
             obj = render_trainjob(name, data, inputs, output or default_output(settings.name, store), settings)
             typer.echo(yaml.safe_dump(obj, sort_keys=False), nl=False)
@@ -622,7 +596,11 @@ def submit(
         plan = plan_run(family, preset, set_, store_uri=store, tracking_uri=tracking_uri, experiment=experiment,
                         run_name=run_name)  # fmt: skip
         if plan_check:
-            _check_plan(plan.recipe, lambda step: nodes * (gpus or 1) if step in set(trainjob or ()) else 1, gpu_memory)
+            from llmfab.memory_plan import check_recipe_fits
+
+            check_recipe_fits(
+                plan.recipe, lambda step: nodes * (gpus or 1) if step in set(trainjob or ()) else 1, gpu_memory
+            )
         server = KfpServer(host, namespace=namespace, kfp_experiment=kfp_experiment, registry=registry, tag=tag,
                            trainjobs=_trainjobs(trainjob, nodes, gpus, cpu, memory))  # fmt: skip
         if schedule:
@@ -697,18 +675,6 @@ def _plan_table(plans, title: str) -> None:
     Console(width=200).print(table)
 
 
-def _plan_failure(plans, gpus: int | str, gpu_memory: float) -> str | None:
-    """The error naming every step that no layout fits on `gpus` x `gpu_memory` GB; None when all fit."""
-    from llmfab.memory_plan import unfit
-
-    bad = unfit(plans)
-    if not bad:
-        return None
-    names = ", ".join(f"{p.step} ({p.chosen.total / 1e9:.0f} GB a GPU at best{'; ' + p.note if p.note else ''})"
-                      for p in bad)  # fmt: skip
-    return f"does not fit {gpus} x {gpu_memory:g} GB GPUs: {names}"
-
-
 @app.command()
 def plan(
     family: Annotated[str, typer.Argument(help="qwen2, afm, gemma2, llama31 or a recipe YAML path")],
@@ -720,7 +686,7 @@ def plan(
     """GPU memory per training step (weights, gradients, optimizer states, activations, frozen models) and the
     cheapest sharding that fits (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + CPU offload); exit 1 naming the steps that do not."""
     from llmfab.config.recipe import load_recipe
-    from llmfab.memory_plan import plan_recipe
+    from llmfab.memory_plan import fit_failure, plan_recipe
 
     try:
         recipe = load_recipe(family, preset, set_ or [])
@@ -728,7 +694,7 @@ def plan(
         _fail(exc)
     plans = plan_recipe(recipe, gpus, gpu_memory)
     _plan_table(plans, f"{recipe.family} {preset}: GB per GPU on {gpus} x {gpu_memory:g} GB")
-    failure = _plan_failure(plans, gpus, gpu_memory)
+    failure = fit_failure(plans, gpus, gpu_memory)
     if failure:
         console.print(f"[bold red]error:[/] {failure}", highlight=False)
         raise typer.Exit(1)

@@ -38,10 +38,13 @@ HUB_SHAPES (the published configs of the models the recipes use).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmfab.config.model import ModelConfig
+from llmfab.errors import ConfigError
+from llmfab.stages.base import get_stage
 
 GB = 1e9
 HEADROOM = 0.9
@@ -474,3 +477,36 @@ HEADERS = [
     "layout",
     "note",
 ]
+
+
+def fit_failure(plans: list[StepPlan], gpus: int | str, gpu_memory: float) -> str | None:
+    """The error naming every step that no layout fits on `gpus` x `gpu_memory` GB; None when all fit."""
+    bad = unfit(plans)
+    if not bad:
+        return None
+    names = ", ".join(f"{p.step} ({p.chosen.total / 1e9:.0f} GB a GPU at best{'; ' + p.note if p.note else ''})"
+                      for p in bad)  # fmt: skip
+    return f"does not fit {gpus} x {gpu_memory:g} GB GPUs: {names}"
+
+
+def check_recipe_fits(recipe, gpus_of: Callable[[str], int], gpu_memory: float) -> None:
+    """`llmfab plan`'s check before a submit: a ConfigError naming every training step that does not fit on the
+    GPUs `gpus_of(step id)` gives it."""
+    plans, sizes = [], set()
+    for step in recipe.steps:
+        if is_training_config(step.config):
+            n = gpus_of(step.base_id) if step.base_id == step.id else max(gpus_of(step.base_id), gpus_of(step.id))
+            sizes.add(n)
+            shape, frozen = shape_of_step(recipe, step), frozen_models(recipe, step)
+            plans.append(plan_step(step.id, step.stage, step.config, shape, frozen, n, gpu_memory))
+    failure = fit_failure(plans, "/".join(map(str, sorted(sizes))), gpu_memory)
+    if failure:
+        raise ConfigError(f"{failure} (see `llmfab plan`; --no-plan-check skips this check)")
+
+
+def check_stage_fits(stage: str, data: dict, inputs: dict, gpus: int, gpu_memory: float) -> None:
+    """The same check for one stage launched as a TrainJob (`llmfab launch`)."""
+    plan = plan_stage(stage, get_stage(stage).make_config(data), inputs, gpus, gpu_memory)
+    failure = fit_failure([plan] if plan is not None else [], gpus, gpu_memory)
+    if failure:
+        raise ConfigError(f"{failure} (see `llmfab plan`; --no-plan-check skips this check)")
