@@ -197,7 +197,8 @@ def _ours_one(task: str, build: dict, steps: int, warmup: int) -> dict:
     from llmfab.stages.runner import get_stage, run_stage
     from llmfab.storage import open_store
 
-    module = importlib.import_module(get_stage(task).fn.__module__)
+    # Where the batch function is a module global at call time: SFT's loop lives in train/sft.py.
+    module = importlib.import_module("llmfab.train.sft" if task == "sft" else get_stage(task).fn.__module__)
     probe, pad_id = _Probe(steps), build["pad_id"]
     log_metrics = base.StageContext.log_metrics
 
