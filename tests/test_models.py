@@ -111,3 +111,37 @@ def test_hub_ids_pass_through(tmp_path, monkeypatch):
     # Offline (as in tests and air-gapped clusters) a hub id fails with transformers' own error.
     with pytest.raises(OSError):
         load_model("llmfab-test/does-not-exist")
+
+
+def test_a_model_is_saved_in_the_dtype_its_checkpoint_came_in(tmp_path):
+    """A bf16 checkpoint (as every released one is) trained with fp32 master weights goes out in bf16, the tied LM
+    head once; an fp32 checkpoint stays fp32; dtype="float32" keeps full precision for a state a rerun resumes from."""
+    import json
+
+    from safetensors import safe_open
+
+    from llmfab.storage import open_store
+
+    def saved(uri: str) -> tuple[str, set, torch.dtype]:
+        folder = resolve_ref(uri)
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            keys = set(f.keys())
+            dtype = f.get_tensor("model.embed_tokens.weight").dtype
+        return json.load(open(f"{folder}/config.json"))["dtype"], keys, dtype
+
+    store, ids = open_store(tmp_path), {"pad_token_id": 0, "eos_token_id": 1}
+    released = build_model(ModelConfig(arch="qwen2", tie_word_embeddings=True, dtype="bfloat16", **TINY), seed=1, **ids)
+    hub = save_model(released, None, store.sub("hub"))
+    assert saved(hub)[0] == "bfloat16"
+    model = load_model(hub)  # fp32 master weights for training
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        model.model.norm.weight.add_(1e-3)  # "trained"
+    dtype, keys, weights = saved(save_model(model, None, store.sub("out")))
+    assert (dtype, weights) == ("bfloat16", torch.bfloat16) and "lm_head.weight" not in keys
+    reloaded = load_model(store.sub("out").uri)
+    assert torch.allclose(reloaded.model.norm.weight, model.model.norm.weight.to(torch.bfloat16).float())
+    assert saved(save_model(model, None, store.sub("resume"), dtype="float32"))[:3:2] == ("float32", torch.float32)
+    fp32 = build_model(ModelConfig(arch="qwen2", **TINY), seed=1, **ids)
+    tiny = load_model(save_model(fp32, None, store.sub("tiny")))
+    assert saved(save_model(tiny, None, store.sub("tiny-out")))[:3:2] == ("float32", torch.float32)

@@ -3,6 +3,7 @@ atomic checkpoints (HF format files + manifest)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from llmfab.tokenizer import load_tokenizer
 from llmfab.train.distributed import barrier, is_main_process
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STORED_DTYPE = "_llmfab_stored_dtype"  # on a loaded model: the dtype its checkpoint holds, what save_model writes
 # Weights load from safetensors only (no pickle), and a checkpoint's own Python code never runs: transformers would
 # otherwise load a pytorch_model.bin, or ask on stdin whether to run a config's `auto_map` code.
 SAFE_LOADING = {"trust_remote_code": False, "use_safetensors": True}
@@ -64,7 +66,9 @@ def load_model(
             model = load_palettized(folder, DTYPES[dtype])
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], **loading)
-        return _with_pad_id(_with_adapter(model, folder, merge_adapter), folder).to(device)
+        model = _with_pad_id(_with_adapter(model, folder, merge_adapter), folder).to(device)
+        setattr(model, STORED_DTYPE, stored_dtype(folder))
+        return model
     if kind != "reward":
         raise ValueError(f"unknown model kind {kind!r}")
     if is_palettized(folder) or (Path(folder) / ADAPTER_CONFIG).is_file():
@@ -73,7 +77,9 @@ def load_model(
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         folder, dtype=DTYPES[dtype], num_labels=1, **loading
     )
-    return _with_pad_id(model, folder).to(device)
+    model = _with_pad_id(model, folder).to(device)
+    setattr(model, STORED_DTYPE, stored_dtype(folder))
+    return model
 
 
 def _with_pad_id(model, folder: str):
@@ -111,17 +117,52 @@ def _with_adapter(model, folder: str, merge: bool):
     return merged
 
 
-def save_model(model, tokenizer, store: ObjectStore, meta: dict | None = None) -> str:
+def save_model(model, tokenizer, store: ObjectStore, meta: dict | None = None, *, dtype: str | None = None) -> str:
     """Write model (safetensors) and tokenizer as one atomic checkpoint at `store`; returns its URI.
 
-    Under torchrun every rank holds the same weights: rank 0 writes while the others wait for it."""
+    The weights go out in `dtype`, by default the dtype they came in (load_model records it; a from-scratch model
+    is built in its config's): a bf16 hub checkpoint trained with fp32 master weights is written in bf16, half the
+    size and what vLLM or TGI load, and a tiny fp32 model stays fp32. Pass dtype="float32" for a state a rerun
+    resumes from. Under torchrun every rank holds the same weights: rank 0 writes while the others wait for it."""
     if not is_main_process():
         barrier()
         return store.uri
+    target = DTYPES.get(dtype or getattr(model, STORED_DTYPE, None) or "")
+    weights = _cast_weights(model, target) if target is not None else None
     with tempfile.TemporaryDirectory(prefix="llmfab-ckpt-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
+        if weights:
+            config = Path(tmp) / "config.json"
+            data = json.loads(config.read_text())
+            config.write_text(json.dumps({**data, "dtype": str(target).removeprefix("torch.")}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         uri = write_checkpoint(store, tmp, meta)
     barrier()
     return uri
+
+
+def _cast_weights(model, target) -> dict | None:
+    """The state dict in `target` when any floating weight is in another dtype (else None: saved as it is); a tied
+    weight (the LM head sharing the embeddings) appears once, as save_pretrained writes it."""
+    state = model.state_dict()
+    if all(not t.is_floating_point() or t.dtype == target for t in state.values()):
+        return None
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.to(target) if tensor.is_floating_point() else tensor
+    return out
+
+
+def stored_dtype(folder: str | Path) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (`dtype`, or `torch_dtype` before
+    transformers 5), when it is one llmfab knows."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    name = data.get("dtype") or data.get("torch_dtype")
+    return name if name in DTYPES else None

@@ -163,7 +163,8 @@ def run(config: WARPConfig, inputs: dict[str, str], ctx: StageContext) -> dict[s
             _sweep(rl, init, merged, runs, config, ctx)
         init = liti(init, merged, config.eta)
         policy.load_state_dict(init)
-        save_model(policy, tokenizer, done, {"stage": "rlhf_warp", "iteration": i})
+        # Full precision: a rerun resumes from this iteration exactly (the stage's output keeps the input's dtype).
+        save_model(policy, tokenizer, done, {"stage": "rlhf_warp", "iteration": i}, dtype="float32")
     policy.load_state_dict(init)
     log_gold_eval(policy, tokenizer, records, config.eval, ctx)
     return {"model": save_model(policy, tokenizer, ctx.output("model"), {"stage": "rlhf_warp", **ctx.metrics})}
