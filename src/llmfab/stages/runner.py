@@ -135,7 +135,9 @@ def system_metrics(run, uri: str, enabled: bool):
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, tracking_uri=uri)
+    # MLflow's own setting, when given (a short stage needs a short interval to be sampled at all); else 5 s.
+    interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5))
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval, tracking_uri=uri)
     monitor.start()
     try:
         yield
