@@ -134,12 +134,23 @@ def system_metrics(run, uri: str, enabled: bool):
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    class Monitor(SystemMetricsMonitor):
+        published = 0
+
+        def publish_metrics(self, metrics):
+            super().publish_metrics(metrics)
+            self.published += 1
+
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     # MLflow's own setting, when given (a short stage needs a short interval to be sampled at all); else 5 s.
     interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 5))
-    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval, tracking_uri=uri)
+    monitor = Monitor(run.run_id, sampling_interval=interval, tracking_uri=uri)
     monitor.start()
     try:
         yield
     finally:
         monitor.finish()
+        # A stage shorter than one interval ends before MLflow's loop publishes: log the sample it took at start.
+        if not monitor.published and (sampled := monitor.aggregate_metrics()):
+            monitor.publish_metrics(sampled)
+            monitor.mlflow_logger.flush()
