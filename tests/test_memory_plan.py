@@ -138,3 +138,26 @@ def test_hub_shapes_match_published_sizes():
     assert sizes["Qwen/Qwen2.5-3B"] == pytest.approx(3.09, abs=0.01)
     assert sizes["google/gemma-2-2b"] == pytest.approx(2.61, abs=0.01)
     assert sizes["google/gemma-2-9b"] == pytest.approx(9.24, abs=0.01)
+
+
+def test_plan_reports_the_configured_layout_and_shards_frozen_models_under_zero3():
+    """The plan is of the layout the step configures (not the cheapest that would fit), and ZeRO-3 partitions the
+    frozen reference and reward model as it does the policy (WARP's EMA anchor, updated every rollout, stays whole)."""
+    from llmfab.stages.online_dpo import OnlineDPOConfig
+
+    shape = shape_from_config(ModelConfig(**MEASURED))
+    frozen = [("reference", shape, False), ("reward model", shape, True), ("ema anchor", shape, False)]
+    whole = sum(s.params(reward=rm) * 4 for _, s, rm in frozen)
+    plain = plan_step("x", "online_dpo", OnlineDPOConfig(), shape, frozen, gpus=4, gpu_memory_gb=80)
+    assert plain.layout == "ddp" and plain.fits and plain.chosen.frozen == whole
+    zero3 = OnlineDPOConfig(train={"deepspeed": {"zero_optimization": {"stage": 3}}})
+    plan = plan_step("x", "online_dpo", zero3, shape, frozen, gpus=4, gpu_memory_gb=80)
+    anchor = shape.params() * 4
+    assert plan.layout == "zero3" and plan.chosen.frozen == pytest.approx(anchor + (whole - anchor) / 4)
+    assert plan.chosen.optimizer == plain.chosen.optimizer / 4 and plan.chosen.grads == plain.chosen.grads / 4
+
+    # Too small a GPU for the configured layout: it does not fit, and the note names the setting that would.
+    # (0.57 GB: DDP needs 0.56 GB, ZeRO-2 0.52, ZeRO-3 0.49; 90 % of it is the budget.)
+    tight = plan_step("x", "online_dpo", OnlineDPOConfig(), shape, frozen, gpus=4, gpu_memory_gb=0.57)
+    assert not tight.fits and tight.layout == "ddp"
+    assert "fits as zero3" in tight.note and "train.deepspeed: {zero_optimization: {stage: 3}}" in tight.note

@@ -169,8 +169,9 @@ def test_zero3_resumes_exactly_after_sigkill(zero3_run, inputs, tmp_path):
 @pytest.mark.slow  # torchrun starts DeepSpeed ZeRO-3 on two CPU ranks
 def test_online_dpo_zero3_two_ranks_sample_their_own_prompts_and_resume(rl_inputs, tmp_path):
     """An online_dpo run on two ZeRO-3 ranks: each rank gathers the policy to answer its own prompts (disjoint
-    from the other rank's), trains on its own pairs, checkpoints every episode and writes the gathered policy.
-    SIGKILLed after episode 2 of 3, it resumes (episode 3 sampled from the restored shards) to the same weights."""
+    from the other rank's), scores them with the partitioned reward model and reference, trains on its own pairs,
+    checkpoints every episode and writes the gathered policy. SIGKILLed after episode 2 of 3, it resumes (episode 3
+    sampled from the restored shards) to the same weights."""
     config = {
         "episodes": 3,
         "prompts_per_episode": 4,
@@ -183,6 +184,9 @@ def test_online_dpo_zero3_two_ranks_sample_their_own_prompts_and_resume(rl_input
     full = tmp_path / "full"
     proc = _torchrun(tmp_path, "online_dpo", config, rl_inputs, full, "-v")
     _printed(proc)
+    # The frozen reference and reward model are partitioned like the policy (their forwards in lockstep).
+    assert "ForCausalLM partitioned across 2 ranks (ZeRO-3)" in proc.stderr, proc.stderr[-3000:]
+    assert "ForSequenceClassification partitioned across 2 ranks (ZeRO-3)" in proc.stderr
     sampled = re.findall(r"episode (\d+): rank (\d) of 2 samples prompts ([0-9a-f ]+)", proc.stderr)
     by_rank = {(int(e), int(r)): set(p.split()) for e, r, p in sampled}
     assert set(by_rank) == {(e, r) for e in range(3) for r in (0, 1)}, proc.stderr[-3000:]
@@ -240,7 +244,7 @@ RL_STAGES = {
 @pytest.mark.parametrize("stage", sorted(RL_STAGES))
 def test_rl_stages_run_on_two_zero3_ranks(stage, rl_inputs, tmp_path):
     """Rollouts from a ZeRO-3 policy gathered on each rank for its own prompts, the reward model and reference
-    whole on every rank; held-out measurements before and after; the gathered policy written by rank 0."""
+    partitioned like it; held-out measurements before and after; the gathered policy written by rank 0."""
     own = RL_STAGES[stage]
     rollout = {"samples_per_prompt": 2, "prompts_per_rollout": 2, "max_new_tokens": 6, "heldout_prompts": 2}
     train = {"batch_size": 2, "log_every": 1, "optim": {"lr": 1e-3}, "deepspeed": ZERO3, **own["train"]}
@@ -249,3 +253,35 @@ def test_rl_stages_run_on_two_zero3_ranks(stage, rl_inputs, tmp_path):
     assert "heldout_rm_reward" in printed["metrics"] or stage == "rlhf_warp"
     weights = _weights(tmp_path / "out")
     assert weights and all(v.numel() > 0 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_a_frozen_model_is_partitioned_under_zero3_and_scores_as_whole(tmp_path, monkeypatch):
+    """distributed.frozen_model in one process with ZeRO-3: the weights are partitioned (each parameter an empty
+    placeholder between forwards), its log-probs equal the whole model's, whole_weights gathers it for reading,
+    and release_frozen gives it back; without ZeRO-3 the model is left as it was."""
+    from llmfab.config.model import ModelConfig
+    from llmfab.models.architectures import build_model
+    from llmfab.train.config import TrainConfig
+    from llmfab.train.distributed import frozen_model, is_partitioned, release_frozen, whole_weights
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = ModelConfig(arch="qwen2", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert frozen_model(model, TrainConfig()) is model and not is_partitioned(model)
+
+    sharded = frozen_model(model, TrainConfig(deepspeed=ZERO3))
+    try:
+        assert is_partitioned(sharded) and all(p.numel() == 0 for p in sharded.parameters())
+        assert not any(p.requires_grad for p in sharded.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(sharded(input_ids=ids).logits, want)
+        with whole_weights(sharded):
+            assert all(p.numel() > 0 for p in sharded.parameters())
+        assert all(p.numel() == 0 for p in sharded.parameters())  # partitioned again after
+    finally:
+        release_frozen(sharded)
+    assert not is_partitioned(sharded)

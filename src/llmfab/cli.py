@@ -683,8 +683,9 @@ def plan(
     gpu_memory: Annotated[float, typer.Option("--gpu-memory", min=1, help="Memory of one GPU, GB")] = 80.0,
     set_: SetOpt = None,
 ) -> None:
-    """GPU memory per training step (weights, gradients, optimizer states, activations, frozen models) and the
-    cheapest sharding that fits (DDP, ZeRO-2, ZeRO-3, ZeRO-3 + CPU offload); exit 1 naming the steps that do not."""
+    """GPU memory per training step (weights, gradients, optimizer states, activations, frozen models) in the
+    sharding each step configures (DDP, or its train.deepspeed ZeRO stage and offloads); exit 1 naming the steps
+    that do not fit, each with the cheapest setting that would."""
     from llmfab.config.recipe import load_recipe
     from llmfab.memory_plan import fit_failure, plan_recipe
 

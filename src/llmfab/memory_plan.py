@@ -1,4 +1,4 @@
-"""GPU memory plan of a recipe's training steps: what each step holds per GPU, and the cheapest sharding that fits.
+"""GPU memory plan of a recipe's training steps: what each step holds per GPU in the layout it is configured with.
 
 For every training step (a stage config with a `train` field; rounds expanded, parallel runs once) the plan
 estimates, per GPU, in bytes:
@@ -8,8 +8,9 @@ estimates, per GPU, in bytes:
     * plain torch (DDP, replicated): fp32 weights 4P (the fp32 master copy: `precision: bf16` is autocast, see
       TrainConfig.precision), fp32 gradients 4P, AdamW's two fp32 states 8P;
     * DeepSpeed with bf16: bf16 weights 2P, bf16 gradients 2P, fp32 master + two fp32 states 12P (fp32: 4/4/8);
-    * ZeRO-2 divides gradients and optimizer states by the N GPUs, ZeRO-3 the weights too (plus the two layers'
-      bf16 parameters it gathers at a time), CPU offload moves the optimizer states off the GPU.
+    * ZeRO-1 divides the optimizer states by the N GPUs, ZeRO-2 the gradients too, ZeRO-3 the weights too (plus
+      the two layers' bf16 parameters it gathers at a time); offload_optimizer moves the optimizer states to CPU
+      memory, offload_param (ZeRO-3) the weight shards.
 - activations of one micro-batch: S sequences (batch_size; x2 for stages that run chosen and rejected in one
   forward: dpo, online_dpo, reward_model) of T tokens (the step's seq_len / max_len), b bytes per element (2
   under bf16, 4 under fp32), for a decoder of L layers, hidden h, a query heads and k KV heads of d dims,
@@ -22,14 +23,17 @@ estimates, per GPU, in bytes:
   only each layer's input is kept, S T L h b, plus one layer recomputed at a time, S T (4h + 4ad + 4kd + 4I) b.
   The LM head adds the logits, S T V (b + 8) bytes (the logits, their fp32 log-softmax kept for the backward,
   and its gradient); a reward model's scalar head adds nothing.
-- frozen models the stage holds while it trains, whole on every GPU (they are not sharded), in the precision's
-  dtype (bf16 under `precision: bf16`): the reference and reward model of online_dpo / mdloo / rlhf_warp (WARP
-  also its EMA anchor), the teacher of distill and of an sft with a `teacher` input. DPO scores its reference
-  before training and frees it; rejection sampling frees its reward model before its fine-tuning.
+- frozen models the stage holds while it trains, in the precision's dtype (bf16 under `precision: bf16`): the
+  reference and reward model of online_dpo / mdloo / rlhf_warp (WARP also its EMA anchor), the teacher of
+  distill and of an sft with a `teacher` input. Under ZeRO-3 they are partitioned like the trained model
+  (train.distributed.frozen_model; with offload_param in CPU memory), except WARP's EMA anchor, which is updated
+  every rollout; otherwise whole on every GPU. DPO scores its reference before training and frees it; rejection
+  sampling frees its reward model before its fine-tuning.
 
-A layout fits when its total is at most `headroom` (90 %) of the GPU's memory, the rest left to the CUDA
-context, communication buffers and allocator fragmentation. The layouts are tried cheapest first: DDP, ZeRO-2,
-ZeRO-3, ZeRO-3 with the optimizer states offloaded to CPU memory.
+The step's layout is the one its `train` configures: plain torch (DDP) without `train.deepspeed`, else its ZeRO
+stage and offloads. It fits when its total is at most `headroom` (90 %) of the GPU's memory, the rest left to the
+CUDA context, communication buffers and allocator fragmentation. A step that does not fit is told the cheapest
+of DDP, ZeRO-2, ZeRO-3, ZeRO-3 with optimizer offload and ZeRO-3 with both offloads that would.
 
 Model shapes come from the preset's models, or for hub models from config.json in the hub cache, else from
 HUB_SHAPES (the published configs of the models the recipes use).
@@ -50,8 +54,45 @@ GB = 1e9
 HEADROOM = 0.9
 PAIR_STAGES = frozenset({"dpo", "online_dpo", "reward_model"})  # chosen and rejected in one forward
 REWARD_STAGES = frozenset({"reward_model"})  # the trained model is a sequence classifier (no LM head logits)
-LAYOUTS = ("ddp", "zero2", "zero3", "zero3+offload")
+FROZEN_WHOLE = frozenset({"ema anchor"})  # frozen models that stay whole under ZeRO-3 (updated as training goes)
 MODEL_INPUTS = ("init", "model", "models", "float_model")  # what a step's trained model comes from, in order
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a step's training state is laid out over its GPUs: plain torch, or DeepSpeed ZeRO `stage` with offloads."""
+
+    stage: int | None = None  # None: plain torch (DDP)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.stage is None:
+            return "ddp"
+        return f"zero{self.stage}" + "+offload" * self.offload_optimizer + "+param_offload" * self.offload_param
+
+    @property
+    def setting(self) -> str:
+        """The train.deepspeed value that configures it."""
+        if self.stage is None:
+            return "no train.deepspeed"
+        offloads = [f"{k}: {{device: cpu}}" for k, on in (("offload_optimizer", self.offload_optimizer),
+                    ("offload_param", self.offload_param)) if on]  # fmt: skip
+        return "train.deepspeed: {zero_optimization: {" + ", ".join([f"stage: {self.stage}", *offloads]) + "}}"
+
+    @classmethod
+    def of(cls, train) -> Layout:
+        """The layout `train` (a TrainConfig) runs with."""
+        if not train.deepspeed:
+            return cls()
+        zero = train.deepspeed.get("zero_optimization", {})
+        return cls(int(zero.get("stage", 0)), "offload_optimizer" in zero, "offload_param" in zero)
+
+
+# What a step that does not fit is offered, cheapest first.
+CANDIDATES = (Layout(), Layout(2), Layout(3), Layout(3, offload_optimizer=True), Layout(3, True, True))
+LAYOUTS = tuple(layout.name for layout in CANDIDATES)
 
 
 @dataclass(frozen=True)
@@ -218,17 +259,14 @@ class StepPlan:
     activations_ckpt: float = 0.0  # with checkpointing
     frozen: float = 0.0
     frozen_names: list[str] = field(default_factory=list)
-    layouts: dict[str, Estimate] = field(default_factory=dict)
-    layout: str | None = None  # the cheapest that fits; None: none does
+    layouts: dict[str, Estimate] = field(default_factory=dict)  # the configured layout and the candidates
+    layout: str = "ddp"  # the configured one
+    fits: bool = False  # the configured layout fits
     note: str = ""
 
     @property
-    def fits(self) -> bool:
-        return self.layout is not None
-
-    @property
     def chosen(self) -> Estimate | None:
-        return self.layouts.get(self.layout or LAYOUTS[-1])
+        return self.layouts.get(self.layout)
 
 
 def activation_bytes(shape: Shape, sequences: int, seq_len: int, act_bytes: int, *, checkpointing: bool,
@@ -242,19 +280,34 @@ def activation_bytes(shape: Shape, sequences: int, seq_len: int, act_bytes: int,
     return body + logits
 
 
-def state_bytes(params: int, trainable: int, layout: str, gpus: int, mixed: bool) -> tuple[float, float, float]:
+def state_bytes(params: int, trainable: int, layout: Layout, gpus: int, mixed: bool) -> tuple[float, float, float]:
     """(weights, gradients, optimizer states) per GPU. `params` all, `trainable` those AdamW updates."""
     n = max(gpus, 1)
-    if layout == "ddp":  # plain torch: fp32 master weights, autocast for bf16
-        weights, grads, optim = 4 * params, 4 * trainable, 8 * trainable
-    else:  # DeepSpeed: bf16 weights and gradients, fp32 master + states in the optimizer
-        w = 2 if mixed else 4
-        weights, grads, optim = w * params, w * trainable, (12 if mixed else 8) * trainable
+    if layout.stage is None:  # plain torch: fp32 master weights, autocast for bf16
+        return 4 * params, 4 * trainable, 8 * trainable
+    # DeepSpeed: bf16 weights and gradients, fp32 master + states in the optimizer
+    w = 2 if mixed else 4
+    weights, grads, optim = w * params, w * trainable, (12 if mixed else 8) * trainable
+    if layout.stage >= 1:
+        optim /= n
+    if layout.stage >= 2:
         grads /= n
-        optim = 0.0 if layout.endswith("offload") else optim / n
-        if layout.startswith("zero3"):
-            weights = weights / n
+    if layout.stage >= 3:
+        weights = 0.0 if layout.offload_param else weights / n
+    if layout.offload_optimizer:
+        optim = 0.0
     return weights, grads, optim
+
+
+def frozen_bytes(frozen: list[tuple[str, Shape, bool]], layout: Layout, gpus: int, mixed: bool) -> float:
+    """The frozen models per GPU: partitioned under ZeRO-3 (in CPU memory with offload_param), else whole."""
+    total = 0.0
+    for name, shape, reward in frozen:
+        whole = shape.params(reward=reward) * (2 if mixed else 4)
+        if layout.stage == 3 and name not in FROZEN_WHOLE:
+            whole = 0.0 if layout.offload_param else whole / max(gpus, 1)
+        total += whole
+    return total
 
 
 def _gather_bytes(shape: Shape, mixed: bool) -> float:
@@ -288,21 +341,34 @@ def plan_step(step_id: str, stage: str, config, shape: Shape | None, frozen: lis
     plan.activations = activation_bytes(shape, plan.sequences, seq_len, act, checkpointing=False, **kw)
     plan.activations_ckpt = activation_bytes(shape, plan.sequences, seq_len, act, checkpointing=True, **kw)
     used_act = plan.activations_ckpt if plan.gradient_checkpointing else plan.activations
-    frozen_bytes = 2 if mixed else 4
-    plan.frozen = sum(s.params(reward=rm) * frozen_bytes for _, s, rm in frozen)
+    plan.frozen = frozen_bytes(frozen, Layout(), gpus, mixed)  # whole
     plan.frozen_names = [name for name, _, _ in frozen]
-    for layout in LAYOUTS:
+    configured = Layout.of(train)
+    for layout in (configured, *CANDIDATES):
         weights, grads, optim = state_bytes(plan.params, plan.trainable, layout, gpus, mixed)
-        if layout.startswith("zero3") and gpus > 1:
+        if layout.stage == 3 and (gpus > 1 or layout.offload_param):
             weights += _gather_bytes(shape, mixed)
-        plan.layouts[layout] = Estimate(layout, weights, grads, optim, used_act, plan.frozen)
+        held = frozen_bytes(frozen, layout, gpus, mixed)
+        plan.layouts[layout.name] = Estimate(layout.name, weights, grads, optim, used_act, held)
     budget = headroom * gpu_memory_gb * GB
-    plan.layout = next((name for name, e in plan.layouts.items() if e.total <= budget), None)
-    if plan.layout is None and not plan.gradient_checkpointing:
-        best = plan.layouts[LAYOUTS[-1]]
-        if best.total - best.activations + plan.activations_ckpt <= budget:
-            plan.note = "fits with train.gradient_checkpointing: true"
+    plan.layout = configured.name
+    plan.fits = plan.layouts[configured.name].total <= budget
+    if not plan.fits:
+        plan.note = _what_would_fit(plan, budget)
     return plan
+
+
+def _what_would_fit(plan: StepPlan, budget: float) -> str:
+    """The cheapest candidate layout that fits (with checkpointing, when only that makes it fit), as a setting."""
+    with_ckpt = [] if plan.gradient_checkpointing else [True]
+    for checkpointing in [False, *with_ckpt]:
+        for layout in CANDIDATES:
+            e = plan.layouts[layout.name]
+            total = e.total - e.activations + plan.activations_ckpt if checkpointing else e.total
+            if total <= budget:
+                ckpt = " and train.gradient_checkpointing: true" if checkpointing else ""
+                return f"fits as {layout.name} ({total / GB:.0f} GB): {layout.setting}{ckpt}"
+    return ""
 
 
 def _train_config(config):
@@ -424,7 +490,7 @@ def plan_stage(stage: str, config, inputs: dict, gpus: int, gpu_memory_gb: float
 
 
 def unfit(plans: list[StepPlan]) -> list[StepPlan]:
-    """The plans no layout fits (a step of unknown shape is not counted: nothing to check)."""
+    """The plans whose configured layout does not fit (a step of unknown shape is not counted: nothing to check)."""
     return [p for p in plans if p.shape is not None and not p.fits]
 
 
@@ -454,7 +520,7 @@ def rows(plans: list[StepPlan]) -> list[list[str]]:
                 ("on" if p.gradient_checkpointing else "off"),
                 gb(e.frozen) + (f" ({', '.join(p.frozen_names)})" if p.frozen_names else ""),
                 gb(e.total),
-                p.layout or "NONE FITS",
+                p.layout if p.fits else f"{p.layout}: DOES NOT FIT",
                 p.note,
             ]
         )
@@ -480,11 +546,11 @@ HEADERS = [
 
 
 def fit_failure(plans: list[StepPlan], gpus: int | str, gpu_memory: float) -> str | None:
-    """The error naming every step that no layout fits on `gpus` x `gpu_memory` GB; None when all fit."""
+    """The error naming every step whose layout does not fit on `gpus` x `gpu_memory` GB; None when all fit."""
     bad = unfit(plans)
     if not bad:
         return None
-    names = ", ".join(f"{p.step} ({p.chosen.total / 1e9:.0f} GB a GPU at best{'; ' + p.note if p.note else ''})"
+    names = ", ".join(f"{p.step} ({p.chosen.total / 1e9:.0f} GB a GPU as {p.layout}{'; ' + p.note if p.note else ''})"
                       for p in bad)  # fmt: skip
     return f"does not fit {gpus} x {gpu_memory:g} GB GPUs: {names}"
 

@@ -14,7 +14,7 @@ from llmfab.models import init_model, load_model, load_tokenizer, save_model
 from llmfab.models.checkpoints import frozen_dtype
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.causal_lm import CausalLMConfig, packed_corpus, train_causal_lm
-from llmfab.train.distributed import training_device
+from llmfab.train.distributed import frozen_model, training_device
 from llmfab.train.lm import target_tokens, token_nll_sum
 from llmfab.train.trainer import SummedLoss
 
@@ -76,16 +76,15 @@ def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dic
     """Student pretraining on the teacher's next-token distribution (forward KL / JSD / AFM top-1)."""
     tokenizer = load_tokenizer(inputs["tokenizer"])
     # A GPU when there is one; bf16 under precision bf16 (frozen_dtype).
-    teacher = load_model(inputs["teacher"], dtype=frozen_dtype(config.train), device=training_device()).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = load_model(inputs["teacher"], dtype=frozen_dtype(config.train), device=training_device())
+    teacher = frozen_model(teacher, config.train)  # partitioned under ZeRO-3 like the student
     student = init_model(config.model, inputs.get("init"), tokenizer, seed=config.seed)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ConfigError(
             f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}: "
             "distillation needs a shared tokenizer"
         )
-    n_student, n_teacher = (sum(p.numel() for p in m.parameters()) for m in (student, teacher))
+    n_student, n_teacher = (sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in (student, teacher))
     ctx.log_params(
         {
             "student_parameters": n_student,

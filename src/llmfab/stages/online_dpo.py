@@ -21,7 +21,7 @@ from llmfab.evaluation.gold import GoldEvalConfig, log_gold_eval, score_gold
 from llmfab.generation import Samples, sample_policy
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
-from llmfab.train.distributed import rank_and_world, whole_weights
+from llmfab.train.distributed import is_partitioned, most_on_any_rank, rank_and_world, whole_weights
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
 from llmfab.train.lora import LoraConfig, save_trained
 from llmfab.train.pairs import best_and_worst, pair_batch, pair_tensors, reference_logps
@@ -169,9 +169,14 @@ class Episodes:
             )
         self.log_episode(episode, batch, samples, scores, pairs)
         rows = pair_rows(self.tok, samples, pairs, cfg.mask_formatting)
-        rows["ref_chosen"], rows["ref_rejected"] = reference_logps(
-            self.reference, rows, cfg.train.batch_size, cfg.train.precision
-        )
+        n_pairs = len(pairs)
+        if is_partitioned(self.reference):  # ZeRO-3: every rank runs as many reference forwards (the last pair again)
+            more = most_on_any_rank(n_pairs) - n_pairs
+            scored = {k: torch.cat([v, v[-1:].expand(more, *v.shape[1:])]) for k, v in rows.items()}
+        else:
+            scored = rows
+        chosen, rejected = reference_logps(self.reference, scored, cfg.train.batch_size, cfg.train.precision)
+        rows["ref_chosen"], rows["ref_rejected"] = chosen[:n_pairs], rejected[:n_pairs]
         return rows
 
     def log_episode(self, episode: int, batch, samples: Samples, scores, pairs) -> None:

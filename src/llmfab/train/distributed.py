@@ -8,8 +8,11 @@ model holds only this rank's slice, and a forward gathers each layer's weights a
 every rank must run the same forwards). Code that reads the weights outside the training forward, or that
 runs a different number of forwards on each rank (generation of rank-local prompts), does it inside
 `whole_weights(model)`, which gathers every weight on every rank and lifts the per-layer hooks meanwhile.
-The frozen models of a stage (reference, reward model, teacher, WARP's EMA anchor) are not sharded: each rank
-holds them whole (no gradients or optimizer states, which are most of what ZeRO saves).
+The frozen models of a stage (reference, reward model, teacher) go through `frozen_model`: under ZeRO-3 they are
+partitioned the same way (TRL's prepare_deepspeed: the training's DeepSpeed config without its optimizer blocks,
+so `offload_param` keeps their shards in host memory), and each of their forwards is a collective too: a loop
+whose length differs between ranks runs `most_on_any_rank(n)` times (online DPO pads its pairs for it). Without
+ZeRO-3 each rank holds them whole. WARP's EMA anchor is updated every rollout and stays whole.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import atexit
 import collections
 import contextlib
 import datetime
+import logging
 import os
 import weakref
 
 import torch
 
 from llmfab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # How long a rank waits in a collective (e.g. the barrier while rank 0 uploads a checkpoint) before failing.
 TIMEOUT_ENV = "LLMFAB_DIST_TIMEOUT_S"
@@ -116,6 +122,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def most_on_any_rank(n: int) -> int:
+    """The largest `n` any rank has (`n` in one process): how many forwards every rank runs of a partitioned model."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    backend_device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([n], device=backend_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
 def all_gather_object(obj) -> list:
     """Every rank's `obj`, in rank order (a one-item list in a single process)."""
     if distributed_world() == 1:
@@ -170,6 +188,36 @@ def deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, c
     return engine
 
 
+def frozen_model(model: torch.nn.Module, train) -> torch.nn.Module:
+    """`model` (eval mode, no gradients) as the training `train` (a TrainConfig) shards: ZeRO-3 partitions it across
+    the ranks with the training's own zero_optimization settings (offload_param too; the optimizer's blocks
+    dropped, as it has none), otherwise it is returned as it is, whole on each rank. A partitioned frozen model is
+    gathered whole by `whole_weights` and given back by `release_frozen`."""
+    model.eval().requires_grad_(False)
+    user = train.deepspeed or {}
+    zero = dict(user.get("zero_optimization", {}))
+    if zero.get("stage", 0) != 3:
+        return model
+    zero.pop("offload_optimizer", None)
+    config = {k: v for k, v in user.items() if k not in ("optimizer", "scheduler", "zero_optimization")}
+    config.update(
+        zero_optimization=zero,
+        train_micro_batch_size_per_gpu=train.batch_size,
+        bf16={"enabled": train.precision == "bf16"},  # the frozen dtype (checkpoints.frozen_dtype)
+    )
+    deepspeed_engine(model, None, config)
+    log.info("frozen %s partitioned across %d ranks (ZeRO-3)", type(model).__name__, distributed_world())
+    return model
+
+
+def release_frozen(model: torch.nn.Module) -> None:
+    """Free a model `frozen_model` partitioned (its engine, hooks and shards); a no-op for one it left whole."""
+    engine = _ZERO3.pop(model, None)
+    _ZERO3_DTYPES.pop(model, None)
+    if engine is not None:
+        engine.destroy()
+
+
 # Models whose weights a ZeRO-3 engine has partitioned, and that engine (until unshard_zero3); and the dtype of each
 # of their weights before deepspeed.initialize.
 _ZERO3: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -193,7 +241,8 @@ def whole_weights(model: torch.nn.Module):
         return
     import deepspeed
 
-    offload = engine.optimizer.parameter_offload
+    # A trained model's engine holds its hooks in the ZeRO-3 optimizer; a frozen one's engine has only them.
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         # The per-layer hooks would release (re-partition) each layer's weights after its forward.
         for param in model.parameters():

@@ -15,7 +15,7 @@ from llmfab.errors import DataError
 from llmfab.evaluation.gold import eval_records
 from llmfab.models import load_model, load_tokenizer
 from llmfab.models.checkpoints import frozen_dtype
-from llmfab.train.distributed import training_device
+from llmfab.train.distributed import frozen_model, training_device
 from llmfab.train.lora import AdapterOff, LoraConfig, load_trainable
 from llmfab.train.reward_inputs import load_reward_model
 from llmfab.train.rollouts import RolloutConfig, heldout_records
@@ -29,6 +29,7 @@ class RLSetup:
     policy: torch.nn.Module  # trainable, on the CPU until its Trainer places it
     reference: torch.nn.Module  # eval mode, no grad, on the CPU: each stage places it (with LoRA: AdapterOff)
     reward_model: torch.nn.Module  # eval mode, no grad, on training_device()
+    # Both are partitioned across the ranks under ZeRO-3 (distributed.frozen_model), AdapterOff excepted.
     prompts: list[dict]  # the `prompts` input's train split
     eval_records: list[dict]  # gold-reward prompts (evaluation.gold.eval_records); [] when config.eval.prompts=0
     held_out: list[dict]  # rollouts.heldout_records; [] when heldout_prompts=0 or not a RolloutConfig (online_dpo)
@@ -55,10 +56,11 @@ def load_rl_setup(
     else:
         reference = load_model(inputs.get("reference", inputs["model"]), dtype=frozen_dtype(config.train))
     reference.eval().requires_grad_(False)
+    if not isinstance(reference, AdapterOff):
+        reference = frozen_model(reference, config.train)
     # The reward model scores every sample: next to the policy (a GPU when there is one).
     reward_model = load_reward_model(inputs["reward_model"], tokenizer, dtype=frozen_dtype(config.train))
-    reward_model.eval().requires_grad_(False)
-    reward_model.to(training_device())
+    reward_model = frozen_model(reward_model.to(training_device()), config.train)
     rollout = config if isinstance(config, RolloutConfig) else None  # online_dpo has its own sampling config
     prompts = read_dataset(
         inputs["prompts"], "prompt", "train", limit=rollout.max_prompts if rollout else None, options=config
