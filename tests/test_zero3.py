@@ -285,3 +285,17 @@ def test_a_frozen_model_is_partitioned_under_zero3_and_scores_as_whole(tmp_path,
     finally:
         release_frozen(sharded)
     assert not is_partitioned(sharded)
+
+
+@pytest.mark.slow  # torchrun starts DeepSpeed ZeRO-3 on two CPU ranks
+def test_lora_sft_on_two_zero3_ranks(inputs, tmp_path):
+    """LoRA adapters on a ZeRO-3 base across two ranks: the output is the adapter merged into a plain folder,
+    its base weights moved by exactly the merged low-rank product (embeddings and norms untouched)."""
+    config = {**_config(grad_accum=1, deepspeed=ZERO3), "lora": {"r": 4}}
+    _printed(_torchrun_sft(tmp_path, inputs, tmp_path / "out", config))
+    merged = _weights(tmp_path / "out")
+    base = {k: v for path in sorted(fetch_checkpoint(open_store(inputs["model"])).glob("*.safetensors"))
+            for k, v in load_file(path).items()}  # fmt: skip
+    assert merged.keys() == base.keys() and all(torch.isfinite(v).all() for v in merged.values())
+    moved = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert moved and all(k.endswith("_proj.weight") for k in moved), sorted(moved)
