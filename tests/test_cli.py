@@ -175,3 +175,16 @@ def test_images_lists_each_targets_image():
     table = runner.invoke(app, ["images"]).output
     assert "prepare_data" in table and "…" not in table
     assert runner.invoke(app, ["images", "--tag", "not a tag"]).exit_code == 2
+
+
+def test_promote_rule_takes_a_stderr_multiple():
+    from llmfab.cli import _rule
+    from llmfab.errors import LlmfabError
+    from llmfab.registry.promotion import parse_rules
+
+    rule = parse_rules([_rule("lm_eval.gsm8k.exact_match.strict-match:0.01:higher:2")])[0]
+    assert (rule.metric, rule.margin, rule.higher_is_better, rule.stderr_k) == (
+        "lm_eval.gsm8k.exact_match.strict-match", 0.01, True, 2.0)  # fmt: skip
+    assert parse_rules([_rule("heldout_ppl:1:lower")])[0].stderr_k is None
+    with pytest.raises(LlmfabError, match="stderr_k 'x' is not a number"):
+        _rule("gold_reward:0.01:higher:x")

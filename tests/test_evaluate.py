@@ -187,7 +187,9 @@ def test_greedy_gold_reward_counts_prompts_per_task(testbed, models):
     records = task_prompts(testbed["prompts"], "prompt", "test", 4)
     got = greedy_gold_reward(model, tok, records, "prompts test split", max_new_tokens=6, batch_size=4, seed=0)
     tasks = {f"gold_reward_{r['task']}" for r in records}
-    assert set(got.metrics) == {"gold_reward", "response_tokens", *tasks} == set(got.n)
+    assert set(got.metrics) == set(got.n)
+    assert {"gold_reward", "gold_reward_stderr", "response_tokens", *tasks} <= set(got.metrics)
+    assert all(k.endswith("_stderr") for k in set(got.metrics) - {"gold_reward", "response_tokens", *tasks})
     assert got.n["gold_reward"] == got.n["response_tokens"] == 4 == sum(got.n[t] for t in tasks)
     assert got.on == "prompts test split, greedy"
     assert got.metrics["gold_reward"] == pytest.approx(sum(got.samples["gold_reward"]) / 4)

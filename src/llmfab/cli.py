@@ -348,16 +348,23 @@ def launch(
 
 
 def _rule(text: str) -> dict:
-    """METRIC[:MARGIN[:lower]] -> a gate rule."""
+    """METRIC[:MARGIN[:higher|lower[:K]]] -> a gate rule (K: the gain must also exceed K standard errors)."""
     metric, _, rest = text.partition(":")
-    margin, _, direction = rest.partition(":")
+    margin, _, rest = rest.partition(":")
+    direction, _, k = rest.partition(":")
     if not metric or direction not in ("", "higher", "lower"):
-        raise LlmfabError(f"--rule {text!r}: expected METRIC[:MARGIN[:higher|lower]], e.g. gold_reward:0.01")
-    try:
-        value = float(margin) if margin else 0.0
-    except ValueError:
-        raise LlmfabError(f"--rule {text!r}: margin {margin!r} is not a number") from None
-    return {"metric": metric, "margin": value, "higher_is_better": direction != "lower"}
+        raise LlmfabError(
+            f"--rule {text!r}: expected METRIC[:MARGIN[:higher|lower[:K]]], e.g. gold_reward:0.01 or "
+            "lm_eval.gsm8k.exact_match.strict-match:0.01:higher:2"
+        )
+    rule: dict = {"metric": metric, "higher_is_better": direction != "lower"}
+    for field, value in (("margin", margin or "0"), ("stderr_k", k)):
+        try:
+            if value:
+                rule[field] = float(value)
+        except ValueError:
+            raise LlmfabError(f"--rule {text!r}: {field} {value!r} is not a number") from None
+    return rule
 
 
 @app.command()
@@ -379,7 +386,8 @@ def promote(
     rule: Annotated[
         list[str] | None,
         typer.Option(
-            help="Gate rule METRIC:MARGIN, or METRIC:MARGIN:lower when lower is better; repeatable "
+            help="Gate rule METRIC:MARGIN, METRIC:MARGIN:lower when lower is better, METRIC:MARGIN:higher:K when "
+            "the gain must also exceed K standard errors (METRIC_stderr); repeatable "
             "(default: the rules the version was registered with)"
         ),
     ] = None,

@@ -1,13 +1,17 @@
-"""The evaluate stage's four measurements, one function each: held-out perplexity, greedy gold reward,
-sampled answers compared with a reference (reward-model score, win rates, KL) and needle retrieval.
-Each returns a Measured under the report's metric names, whatever the model family."""
+"""The evaluate stage's measurements, one function each: held-out perplexity, the gold reward on the testbed's
+tasks and the public benchmarks (both through lm-evaluation-harness), sampled answers compared with a reference
+(reward-model score, win rates, KL) and needle retrieval. Each returns a Measured under the report's metric
+names, whatever the model family."""
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from llmfab.evaluation.gold import gold_eval
+from llmfab.data.schemas import last_text
+from llmfab.evaluation import harness
 from llmfab.evaluation.long_context import needle_eval, prose_filler
 from llmfab.evaluation.report import compare_sampled, heldout_loss
 
@@ -21,6 +25,7 @@ class Measured:
     on: str
     n: int | dict[str, int]
     samples: dict[str, list] | None = None
+    harness: dict = field(default_factory=dict)  # lm-eval's own result dict, when the harness measured it
 
 
 def heldout_perplexity(
@@ -36,15 +41,60 @@ def heldout_perplexity(
 def greedy_gold_reward(
     model, tokenizer, records: list[dict], on: str, *, max_new_tokens: int, batch_size: int, seed: int
 ) -> Measured:
-    """gold_reward = (1/N) Σ_i gold(task_i, y_i) for y_i the greedy answer to prompt i, the task's verifiable
-    reward; gold_reward_<task> the same mean per task; response_tokens = mean |y_i|. Counted in prompts."""
-    metrics, rows = gold_eval(
-        model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
-    )
+    """gold_reward = (1/N) Σ_i gold(task_i, y_i) for y_i the greedy answer (through the chat template, ending at
+    the turn's end) to prompt i, the task's verifiable reward; gold_reward_stderr = its standard error
+    sqrt(Σ_i (g_i − ḡ)² / (N(N−1))); gold_reward_<task> (and its _stderr) the same per task; response_tokens =
+    mean |y_i|. Run as lm-eval task `llmfab_testbed` (the names drop its `lm_eval.llmfab_testbed.` prefix: the
+    testbed's metrics keep their names). Counted in prompts."""
+    from llmfab.data.chat import stop_token_ids
+
+    settings = harness.HarnessConfig(tasks=[harness.TESTBED_TASK], batch_size=batch_size, apply_chat_template=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = harness.testbed_task(harness.write_testbed_file(records, Path(tmp) / "test.jsonl"), max_new_tokens)
+        manager = harness.task_manager([], None)
+        harness.check_loadable(manager, [spec])
+        with harness.stopping_at(model, stop_token_ids(tokenizer)):
+            results = harness.evaluate(harness.hf_model(model, tokenizer, batch_size), [spec], manager, settings, seed)
+    flat = harness.flatten(results)
+    prefix = f"{harness.PREFIX}{harness.TESTBED_TASK}."
+    metrics = {name[len(prefix) :]: value for name, value in flat.items()}  # gold_reward, gold_reward_<task>, ...
+    samples = sorted(results["samples"][harness.TESTBED_TASK], key=lambda s: s["doc_id"])
+    responses = [s["filtered_resps"][0].strip() for s in samples]
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    metrics["response_tokens"] = sum(lengths) / len(lengths)
+    rows = {
+        "task": [s["doc"]["task"] for s in samples],
+        "prompt": [last_text(s["doc"]["prompt"])[-200:] for s in samples],
+        "response": responses,
+        "gold_reward": [s["gold_reward"] for s in samples],
+    }
     per_task = Counter(r["task"] for r in records)
     counts = {f"gold_reward_{t}": c for t, c in per_task.items()} | {"gold_reward": len(records)}
-    counts["response_tokens"] = len(records)
-    return Measured(metrics, f"{on}, greedy", counts, rows)
+    counts |= {f"{name}_stderr": n for name, n in counts.items()} | {"response_tokens": len(records)}
+    return Measured(metrics, f"{on}, greedy", {k: counts[k] for k in metrics}, rows, results)
+
+
+def benchmarks(model, tokenizer, folder: str, config: harness.HarnessConfig, manager, seed: int) -> Measured:
+    """The lm-eval tasks of `config` (found by `manager`, see harness.task_manager) on the model: lm-eval's HF
+    backend around `model`, or vLLM on checkpoint `folder`. Every metric and its standard error as
+    `lm_eval.<task>.<metric>[.<filter>]` (see harness). Counted in documents per task."""
+    if config.backend == "vllm":
+        lm = harness.vllm_model(folder, config.batch_size)
+    else:
+        lm = harness.hf_model(model, tokenizer, config.batch_size)
+    results = harness.evaluate(lm, list(config.tasks), manager, config, seed)
+    flat = harness.flatten(results)
+    about = f"lm-evaluation-harness {', '.join(config.tasks)}" + (f", limit {config.limit}" if config.limit else "")
+    shots = "" if config.num_fewshot is None else f", {config.num_fewshot}-shot"
+    return Measured(flat, about + shots, harness.counts_by_metric(flat, results), None, results)
+
+
+def harness_files(results: dict) -> dict[str, str]:
+    """The harness's results JSON and per-task samples (JSONL) as {file name: text}."""
+    files = {"results.json": harness.results_json(results)}
+    for task, samples in (results.get("samples") or {}).items():
+        files[f"samples_{task}.jsonl"] = harness.samples_jsonl(samples)
+    return files
 
 
 def sampled_comparison(

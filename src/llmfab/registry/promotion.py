@@ -1,14 +1,18 @@
 """Promotion by alias (`candidate`, `champion`; MLflow's deprecated stages are never used).
 
 The gate promotes a candidate only when it beats the current champion on every configured metric by more than
-that metric's margin. Every verdict, promotion and refusal is written onto the model version as tags (the latest
-in `llmfab.gate.*` / `llmfab.promotion.*`, all of them in `llmfab.history`), so the registry itself is the log.
+that metric's margin, and, for a rule with `stderr_k: k`, by more than k combined standard errors
+k·sqrt(se_candidate² + se_champion²) (each version's `<metric>_stderr`, as lm-eval and the gold reward report it),
+so that a gain within the noise of a finite benchmark does not promote. Every verdict, promotion and refusal is
+written onto the model version as tags (the latest in `llmfab.gate.*` / `llmfab.promotion.*`, all of them in
+`llmfab.history`), so the registry itself is the log.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +33,31 @@ class GateRule(StrictModel):
     metric: str = Field(..., min_length=1, description="an evaluation metric (a version tag llmfab.metric.NAME)")
     margin: float = Field(0.0, ge=0, description="the candidate must beat the champion by more than this")
     higher_is_better: bool = True
+    stderr_k: float | None = Field(
+        None,
+        gt=0,
+        description="the gain must also exceed this many combined standard errors sqrt(se_c² + se_champion²), "
+        "read from both versions' METRIC_stderr",
+    )
+
+
+def stderr_of(metric: str) -> str:
+    """The metric holding `metric`'s standard error (lm-eval's and the gold reward's naming)."""
+    return f"{metric}_stderr"
+
+
+def _noise_check(rule: GateRule, gain: float, candidate: dict, incumbent: dict) -> tuple[bool, str]:
+    """Whether `gain` exceeds stderr_k · sqrt(se_c² + se_i²), with the numbers; refused when a stderr is missing."""
+    name = stderr_of(rule.metric)
+    missing = [who for who, metrics in (("candidate", candidate), ("champion", incumbent)) if name not in metrics]
+    if missing:
+        return False, f"no {name} for the {' and '.join(missing)}: cannot tell the gain from noise"
+    se_c, se_i = candidate[name], incumbent[name]
+    bound = rule.stderr_k * math.sqrt(se_c**2 + se_i**2)
+    ok = gain > bound
+    return ok, (
+        f"gain {gain:+.6g} {'>' if ok else '<='} {rule.stderr_k:g} × sqrt({se_c:.4g}² + {se_i:.4g}²) = {bound:.6g}"
+    )
 
 
 @dataclass
@@ -143,12 +172,17 @@ def evaluate_gate(client, name: str, version: str, rules: list, champion_alias: 
         best = incumbent[rule.metric]
         gain = value - best if rule.higher_is_better else best - value
         ok = gain > rule.margin
-        passed &= ok
         direction = "higher" if rule.higher_is_better else "lower"
-        reasons.append(
+        reason = (
             f"{rule.metric}: {value:.6g} vs {best:.6g} (v{held}), {direction} is better, "
             f"gain {gain:+.6g} {'>' if ok else '<='} margin {rule.margin:g}"
         )
+        if rule.stderr_k is not None:
+            beyond_noise, why = _noise_check(rule, gain, candidate, incumbent)
+            ok &= beyond_noise
+            reason += f"; {why}"
+        passed &= ok
+        reasons.append(reason)
     return GateResult("promote" if passed else "keep", reasons, held)
 
 

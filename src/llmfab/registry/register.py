@@ -214,12 +214,34 @@ def register_checkpoint(
 HEADLINE_METRICS = ("gold_reward", "heldout_loss", "win_rate_gold", "win_rate_rm", "kl_to_reference", "rm_score")
 
 
+BENCHMARK = "lm_eval."  # lm-evaluation-harness metrics: lm_eval.<task>.<metric>[.<filter>], stderr in <name>_stderr
+
+
+def benchmark_scores(metrics: dict[str, float]) -> list[str]:
+    """ "<task> <metric> <value> ± <stderr>" for every lm-eval score, a group's members (tasks named <group>_...,
+    as MMLU's 57 subjects) summarised by the group's own score."""
+    scores = {k: v for k, v in metrics.items() if k.startswith(BENCHMARK) and not k.endswith("_stderr")}
+    tasks = {k[len(BENCHMARK) :].split(".", 1)[0] for k in scores}
+    out = []
+    for name in sorted(scores):
+        task, _, metric = name[len(BENCHMARK) :].partition(".")
+        if any(task.startswith(f"{group}_") for group in tasks):
+            continue
+        se = metrics.get(f"{name}_stderr")
+        out.append(f"{task} {metric} {scores[name]:.4g}" + (f" ± {se:.2g}" if se is not None else ""))
+    return out
+
+
 def version_description(intro: str | None, metrics: dict[str, float], decision: str, reasons: list[str]) -> str:
-    """A model version's description (Markdown, as the registry UI shows it): the evaluation and the gate."""
-    shown = [k for k in HEADLINE_METRICS if k in metrics] or sorted(metrics)[:8]
+    """A model version's description (Markdown, as the registry UI shows it): the evaluation, the benchmark scores
+    and the gate."""
+    own = {k: v for k, v in metrics.items() if not k.startswith(BENCHMARK)}
+    shown = [k for k in HEADLINE_METRICS if k in own] or sorted(own)[:8]
     lines = [intro.strip(), ""] if intro else []
     if shown:
         lines += ["**Evaluation** (held out): " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown), ""]
+    if scores := benchmark_scores(metrics):
+        lines += ["**Benchmarks** (lm-evaluation-harness):" + "".join(f"\n- {s}" for s in scores), ""]
     lines.append(f"**Gate**: {decision}" + "".join(f"\n- {r}" for r in reasons))
     return "\n".join(lines)
 

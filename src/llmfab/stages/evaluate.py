@@ -2,8 +2,10 @@
 
 Held-out perplexity (assistant tokens of a chat test split), greedy gold reward on the verifiable
 tasks, reward-model score, win rate against a reference model (by RM and by gold reward) and KL to
-it, needle retrieval at the model's trained context length. Each measurement runs when its inputs
-are given; the report names the ones skipped and why."""
+it, needle retrieval at the model's trained context length, and the family reports' public benchmarks
+(the `lm_eval` block). The gold reward and the benchmarks both run through lm-evaluation-harness: one
+evaluation path for tiny and real models. Each measurement runs when its inputs are given; the report
+names the ones skipped and why."""
 
 from __future__ import annotations
 
@@ -11,10 +13,20 @@ import logging
 
 from pydantic import Field
 
+from llmfab.checkpoint_refs import loadable_folder
 from llmfab.data.options import DataOptions
 from llmfab.errors import DataError
+from llmfab.evaluation import harness
 from llmfab.evaluation.gold import task_prompts
-from llmfab.evaluation.measures import greedy_gold_reward, heldout_perplexity, needle_retrieval, sampled_comparison
+from llmfab.evaluation.measures import (
+    Measured,
+    benchmarks,
+    greedy_gold_reward,
+    harness_files,
+    heldout_perplexity,
+    needle_retrieval,
+    sampled_comparison,
+)
 from llmfab.evaluation.report import Report
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
@@ -53,6 +65,10 @@ class EvaluateConfig(DataOptions, StageConfig):
     max_needle_length: int = Field(8192, ge=64, description="cap on the needle length")
     needle_samples: int = Field(8, ge=0, description="needle depths probed (0: off)")
     batch_size: int = Field(16, gt=0)
+    lm_eval: harness.HarnessConfig = Field(
+        default_factory=harness.HarnessConfig,
+        description="public benchmarks through lm-evaluation-harness, e.g. {tasks: [gsm8k], limit: 200}",
+    )
 
 
 def _prompt_records(
@@ -61,6 +77,15 @@ def _prompt_records(
     """Test-split prompts of `prompts`, else the last user turns of `data`'s test conversations."""
     name, kind = ("prompts", "prompt") if "prompts" in inputs else ("data", "chat")
     return task_prompts(inputs[name], kind, "test", limit, gold_only=gold_only, options=options), f"{name} test split"
+
+
+def _keep_harness(measured: Measured, folder: str, out, ctx: StageContext) -> None:
+    """lm-eval's results JSON and per-document samples, under `lm_eval/<folder>/` in the report output and the
+    MLflow run."""
+    for name, text in harness_files(measured.harness).items():
+        out.put_text(f"lm_eval/{folder}/{name}", text)
+        if ctx.run is not None:
+            ctx.run.log_text(text, f"lm_eval/{folder}/{name}")
 
 
 def _why_not(missing_input: str, count: int, field: str) -> str:
@@ -82,12 +107,20 @@ def _why_not(missing_input: str, count: int, field: str) -> str:
     outputs={"report": "the evaluation table (evaluation.json)"},
 )
 def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> dict[str, str]:
-    """Held-out perplexity, gold reward, RM score, win rate and KL vs a reference, needle retrieval."""
+    """Held-out perplexity, gold reward, RM score, win rate and KL vs a reference, needle retrieval, benchmarks."""
+    benchmark = config.lm_eval
+    manager = None
+    if benchmark.tasks:  # a wrong backend, task name, YAML or data file fails here, before any measurement
+        if benchmark.backend == "vllm":
+            harness.require_vllm()
+        manager = harness.task_manager(benchmark.tasks, benchmark.include_path)
+        harness.check_loadable(manager, list(benchmark.tasks))
     device = training_device()  # a GPU when there is one
     tokenizer = load_tokenizer(inputs["model"])
     model = load_model(inputs["model"], device=device).eval()
     context = model.config.max_position_embeddings
     report = Report()
+    out = ctx.output("report")
     no_data = "" if "data" in inputs else "no `data` input"
     no_prompts = "" if "prompts" in inputs or "data" in inputs else "no `prompts` or `data` input"
     no_corpus = "" if "corpus" in inputs else "no `corpus` input (needle haystack)"
@@ -128,6 +161,7 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
             )
             report.add(gold.metrics, gold.on, gold.n)
             ctx.log_table(gold.samples, "samples/gold.json")
+            _keep_harness(gold, harness.TESTBED_TASK, out, ctx)
 
     # Sampled measurements, each needing the models named in SAMPLED (and prompts).
     wanted = [m for m, needs in SAMPLED.items() if all(k in inputs for k in needs)]
@@ -177,11 +211,21 @@ def run(config: EvaluateConfig, inputs: dict[str, str], ctx: StageContext) -> di
         )
         report.add(needle.metrics, needle.on, needle.n)
 
+    if manager is not None:
+        if benchmark.backend == "vllm":  # vLLM loads the checkpoint itself: give it the GPU memory
+            model = None
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+        scores = benchmarks(model, tokenizer, loadable_folder(inputs["model"]), benchmark, manager, config.seed)
+        report.add(scores.metrics, scores.on, scores.n)
+        _keep_harness(scores, "benchmarks", out, ctx)
+
     for name, why in report.skipped.items():
         log.info("evaluate: %s skipped (%s)", name, why)
     ctx.log_metrics(report.metrics)
     if report.rows:
         ctx.log_table(report.columns(), "evaluation.json")
-    out = ctx.output("report")
     out.put_text("evaluation.json", report.to_json(inputs=inputs, config=config.model_dump(mode="json")))
     return {"report": out.uri}
