@@ -100,6 +100,8 @@ OVERRIDES = {
     "evaluate.max_new_tokens": 8,
     "evaluate.max_len": 128,
     "evaluate.batch_size": 4,
+    # The preset's MMLU/GSM8K/IFEval need their datasets in the cache; test_lm_eval runs a hub task offline.
+    "evaluate.lm_eval.tasks": "[]",
 }
 
 
