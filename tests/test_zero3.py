@@ -4,6 +4,7 @@ weights of one plain-torch process with grad_accum 2. Their checkpoints hold eve
 one manifest and resume exactly after a SIGKILL; the stage's output is the gathered transformers folder."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -299,3 +300,16 @@ def test_lora_sft_on_two_zero3_ranks(inputs, tmp_path):
     assert merged.keys() == base.keys() and all(torch.isfinite(v).all() for v in merged.values())
     moved = {k for k in base if not torch.equal(merged[k], base[k])}
     assert moved and all(k.endswith("_proj.weight") for k in moved), sorted(moved)
+
+
+@pytest.mark.slow  # torchrun starts DeepSpeed ZeRO-3 on two CPU ranks
+def test_dpo_zero3_reference_is_partitioned_and_scores_as_the_policy_starts(testbed, inputs, tmp_path):
+    """Offline DPO on two ZeRO-3 ranks: the reference is partitioned like the policy while it scores the pairs, and
+    its log-probs are the policy's at step 0 (the first loss is log 2 on every pair)."""
+    train = {"max_steps": 2, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "deepspeed": ZERO3}
+    config = {"max_len": 128, "eval": {"prompts": 0}, "train": train}
+    dpo_inputs = {"model": inputs["model"], "data": testbed["preferences"]}
+    proc = _torchrun(tmp_path, "dpo", config, dpo_inputs, tmp_path / "out", "-v")
+    _printed(proc)
+    assert "ForCausalLM partitioned across 2 ranks (ZeRO-3)" in proc.stderr, proc.stderr[-3000:]
+    assert _history(tmp_path / "out", step=2)[0] == pytest.approx(math.log(2), abs=1e-4)

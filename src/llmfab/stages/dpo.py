@@ -12,7 +12,7 @@ from llmfab.evaluation.gold import GoldEvalConfig, eval_records, log_gold_eval
 from llmfab.models import load_model, load_tokenizer
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.config import TrainConfig
-from llmfab.train.distributed import micro_batches_per_step
+from llmfab.train.distributed import frozen_model, micro_batches_per_step, release_frozen
 from llmfab.train.dpo import DPOLossConfig, dpo_loss_fn, online_merging_wrapper
 from llmfab.train.lora import AdapterOff, LoraConfig, load_trainable, save_trained
 from llmfab.train.pairs import encode_pairs, pair_batch, reference_logps
@@ -61,8 +61,10 @@ def run(config: DPOConfig, inputs: dict[str, str], ctx: StageContext) -> dict[st
     if config.lora is not None and "reference" not in inputs:
         reference = AdapterOff(model)  # the base itself: no second copy of the weights
     else:
-        reference = load_model(inputs.get("reference", inputs["model"]))
+        # Under ZeRO-3 partitioned like the policy will be (every rank scores the same pairs: same forwards).
+        reference = frozen_model(load_model(inputs.get("reference", inputs["model"])), tc)
     rows["ref_chosen"], rows["ref_rejected"] = reference_logps(reference, rows, tc.batch_size, tc.precision)
+    release_frozen(reference)
     del reference
     ctx.log_params({"train_pairs": len(order), "train_pairs_used": used})
     records = eval_records(config.eval, inputs, ("data", "preference"), config)

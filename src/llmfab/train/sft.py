@@ -19,7 +19,7 @@ from llmfab.models import load_model, load_tokenizer
 from llmfab.models.checkpoints import frozen_dtype
 from llmfab.train.config import TrainConfig
 from llmfab.train.context import RunContext
-from llmfab.train.distributed import micro_batches_per_step, training_device, whole_weights
+from llmfab.train.distributed import frozen_model, micro_batches_per_step, training_device, whole_weights
 from llmfab.train.lm import eval_lm_loss, lm_forward, lm_loss, step_batch, target_tokens, token_nll_sum
 from llmfab.train.lora import LoraConfig, load_trainable, save_trained
 from llmfab.train.sft_data import load_sft_rows
@@ -132,7 +132,7 @@ def fine_tune(config: FineTuneConfig, inputs: dict[str, str], ctx: RunContext, s
     teacher = None
     if config.distill != "none":
         teacher = load_model(inputs["teacher"], dtype=frozen_dtype(tc), device=training_device())
-        teacher.eval().requires_grad_(False)
+        teacher = frozen_model(teacher, tc)  # partitioned under ZeRO-3 like the student
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ConfigError("sft: teacher and student vocabularies differ; distillation needs a shared tokenizer")
     if config.distill == "on_policy":
