@@ -304,7 +304,7 @@ def test_recipes_train_on_tiny_and_take_a_real_tokenizer_on_real_presets(family)
     tiny = load_recipe(family, "tiny")
     assert tiny.steps[1].stage == "train_tokenizer" and tiny.steps[1].id == "tokenizer"
     cfg = tiny.step("tokenizer").config
-    assert cfg.source == "train" and len(cfg.report.vocab_sizes) >= 3
+    assert cfg.source == "train" and cfg.report is None  # the multilingual report is off in tiny runs (#24)
     assert cfg.chat_format == FAMILY_TOKENIZERS.get(family, (None, None, "chatml"))[2]
     if family == "afm":  # no released tokenizer: trained at AFM's 49k vocabulary, multilingual
         real = load_recipe(family, "afm-3b-replica").step("tokenizer").config
