@@ -13,8 +13,7 @@ from llmfab.data.io import iter_records
 from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, NoSplitError
 from llmfab.tracking import timing
-from llmfab.train.head_positions import logits_at
-from llmfab.train.packing import IGNORE, mixture_sample, pack_documents, repack_documents
+from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
 from llmfab.train.trainer import SummedLoss
 
 log = logging.getLogger(__name__)
@@ -63,26 +62,8 @@ def lm_forward(model, batch: dict[str, torch.Tensor]):
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
 
 
-def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index, targets): the flattened (B·T) positions t whose next label is a target (not -100), and those
-    labels; position t predicts label t + 1 of its row, the last position of a row predicts nothing."""
-    nxt = torch.full_like(labels, IGNORE)
-    nxt[:, :-1] = labels[:, 1:]
-    flat = nxt.flatten()
-    index = (flat != IGNORE).nonzero().squeeze(-1)
-    return index, flat[index]
-
-
 def _lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    # token_nll_sum's sum, with the head and the log-softmax on the target positions only (head_positions),
-    # and rows that know their padding (`row_lengths`) repacked padding-free (packing.repack_documents).
-    index, targets = loss_positions(batch["labels"])
-    ids, pos = batch["input_ids"], batch["position_ids"]
-    if "row_lengths" in batch:
-        ids, pos, where = repack_documents(ids, pos, batch["row_lengths"])
-        index = where[index]
-    logits = logits_at(model, index, input_ids=ids, position_ids=pos)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
+    return token_nll_sum(lm_forward(model, batch).logits, batch["labels"]), {}
 
 
 # Next-token loss summed over target tokens; the Trainer divides by the step's target tokens.

@@ -187,9 +187,6 @@ class Trainer:
             [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=opt.lr,
             betas=opt.betas,
-            # One kernel for all parameters (CPU and CUDA): the update costs a fraction of the foreach one's.
-            # DeepSpeed steps its own partitions of the parameters: it gets the plain AdamW.
-            fused=True if config.deepspeed is None and all(p.is_floating_point() for p in params) else None,
         )
         if wrap_optimizer is not None:  # e.g. the Online Merging Optimizer around AdamW
             if config.deepspeed is not None:
