@@ -69,4 +69,5 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     params = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
-    return sum(p.numel() for p in params.values())
+    # A ZeRO-3 partitioned parameter holds a slice; ds_numel is its whole size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params.values())

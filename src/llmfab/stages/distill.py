@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from llmfab.data.options import DataOptions
 from llmfab.errors import ConfigError
 from llmfab.losses.distill import afm_top1_loss, generalized_jsd
-from llmfab.models import init_model, load_model, load_tokenizer, save_model
+from llmfab.models import count_parameters, init_model, load_model, load_tokenizer, save_model
 from llmfab.models.checkpoints import frozen_dtype
 from llmfab.stages.base import StageConfig, StageContext, stage
 from llmfab.train.causal_lm import CausalLMConfig, packed_corpus, train_causal_lm
@@ -84,7 +84,7 @@ def run(config: DistillConfig, inputs: dict[str, str], ctx: StageContext) -> dic
             f"teacher vocab {teacher.config.vocab_size} != student vocab {student.config.vocab_size}: "
             "distillation needs a shared tokenizer"
         )
-    n_student, n_teacher = (sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in (student, teacher))
+    n_student, n_teacher = count_parameters(student), count_parameters(teacher)
     ctx.log_params(
         {
             "student_parameters": n_student,
