@@ -26,8 +26,12 @@ state). A step ends when ours logs its step metrics (after the AdamW update) and
   child after the default run, so both TRL DPO rows share that process's peak RSS.
 - Units: SFT tokens/s counts real (non-padding) tokens of the training batches: TRL's default
   best-fit-decreasing packing is padding-free (a batch's packed rows flattened into one row, documents
-  separated by position ids), ours pads next-fit packed rows to the max length, so its positions/s
-  (padding included) are reported as well. Pairs/s = pairs in the window / seconds.
+  separated by position ids); ours packs rows best-fit to the max length and its loss repacks a batch's
+  conversations padding-free into rows as wide as the longest. Pairs/s = pairs in the window / seconds.
+  Positions: what the forward runs on (ours packs pair batches padding-free too, TRL pads them).
+- The limit (issue #24): a bare loop on the same model, BATCH rows of SEQ_LEN real tokens, forward with
+  labels, backward, fused AdamW, nothing else (`measure_limit`); it alternates with the SFT runs, and ours'
+  SFT real tokens/s over its tokens/s is the share of the limit reached.
 - Peak RSS: the child's maximum resident set (imports, model, optimizer, data, the stage's final save),
   and the maximum reached by the end of the last training step.
 `run(quick=True)` (the smoke test) takes 4 steps, one round, all three tasks of a side in one process and
@@ -159,13 +163,13 @@ class _Probe:
         if len(self.marks) == self.steps:
             self.extra["train_peak_rss_mb"] = _hwm_mb()
 
-    def lm_batch(self, ids, position_ids, real: int) -> None:
+    def lm_batch(self, ids, position_ids, real: int, positions: int) -> None:
         # A conversation starts wherever positions restart at 0 (ours pads by continuing the last position).
         n = int((position_ids == 0).sum())
-        self.counts.append({"tokens": real, "positions": int(ids.numel()), "conversations": n})
+        self.counts.append({"tokens": real, "positions": positions, "conversations": n})
 
-    def pair_batch(self, ids, real: int) -> None:
-        self.counts.append({"pairs": ids.shape[0] // 2, "tokens": real, "positions": int(ids.numel())})
+    def pair_batch(self, ids, real: int, positions: int) -> None:
+        self.counts.append({"pairs": ids.shape[0] // 2, "tokens": real, "positions": positions})
 
     def result(self, warmup: int) -> dict:
         import torch
@@ -196,6 +200,7 @@ def _ours_one(task: str, build: dict, steps: int, warmup: int) -> dict:
     import llmfab.stages.base as base
     from llmfab.stages.runner import get_stage, run_stage
     from llmfab.storage import open_store
+    from llmfab.train.packing import pack_padded, repack_documents
 
     # Where the batch function is a module global at call time: SFT's loop lives in train/sft.py.
     module = importlib.import_module("llmfab.train.sft" if task == "sft" else get_stage(task).fn.__module__)
@@ -214,7 +219,9 @@ def _ours_one(task: str, build: dict, steps: int, warmup: int) -> dict:
 
         def counted_step_batch(*args, **kwargs):
             b = step_batch(*args, **kwargs)
-            probe.lm_batch(b["input_ids"], b["position_ids"], int((b["input_ids"] != pad_id).sum()))
+            # The positions the forward runs on: lm_loss repacks rows that know their padding.
+            ids = repack_documents(b["input_ids"], b["position_ids"], b["row_lengths"])[0]
+            probe.lm_batch(b["input_ids"], b["position_ids"], int((b["input_ids"] != pad_id).sum()), ids.numel())
             return b
 
         module.step_batch = counted_step_batch
@@ -224,7 +231,10 @@ def _ours_one(task: str, build: dict, steps: int, warmup: int) -> dict:
         def counted_pair_batch(*args, **kwargs):
             b = pair_batch(*args, **kwargs)
             ids = torch.cat([b["chosen_ids"], b["rejected_ids"]])
-            probe.pair_batch(ids, int((ids != pad_id).sum()))
+            lengths = torch.cat([b["chosen_length"], b["rejected_length"]])
+            # The positions the forward runs on: the pairs packed padding-free where the stages pack them.
+            packed = pack_padded(ids, lengths, pad_id)["input_ids"]
+            probe.pair_batch(ids, int(lengths.sum()), int(packed.numel()))
             return b
 
         module.pair_batch = counted_pair_batch
@@ -284,9 +294,9 @@ def _trl_one(task: str, build: dict, steps: int, warmup: int, precompute: bool =
                 ids = inputs["input_ids"]
                 real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(ids.numel())
                 if task == "sft":
-                    probe.lm_batch(ids, inputs["position_ids"], real)
+                    probe.lm_batch(ids, inputs["position_ids"], real, int(ids.numel()))
                 else:
-                    probe.pair_batch(ids, real)
+                    probe.pair_batch(ids, real, int(ids.numel()))
                 return super().training_step(model, inputs, num_items_in_batch)
 
         return Counted
@@ -362,6 +372,35 @@ def _trl_one(task: str, build: dict, steps: int, warmup: int, precompute: bool =
     return {**probe.result(warmup), "trl_version": trl.__version__}
 
 
+def measure_limit(build: dict, steps: dict, warmup: int) -> dict:
+    """The bare-loop limit of SFT on this machine: the same model, BATCH rows of SEQ_LEN real tokens (the SFT
+    conversations laid end to end, no padding, no document masks), the textbook step: forward with labels
+    (full logits), backward, fused AdamW. No data pipeline, no clipping, no logging: what a trainer could
+    reach at best, the denominator of ours' SFT tokens/s."""
+    _quiet()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmfab.data.chat import encode_chat
+    from llmfab.data.io import read_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(build["model"])
+    stream = [t for r in read_dataset(build["sft"], "chat", "train") for t in encode_chat(tokenizer, r["messages"])[0]]
+    width = BATCH * SEQ_LEN
+    model = AutoModelForCausalLM.from_pretrained(build["model"], dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR["sft"], betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
+    probe = _Probe(steps["sft"])
+    for step in range(steps["sft"]):
+        start = (step * width) % max(1, len(stream) - width)
+        ids = torch.tensor(stream[start : start + width]).view(BATCH, SEQ_LEN)
+        probe.counts.append({"tokens": ids.numel(), "positions": ids.numel(), "conversations": 0})
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        probe.step_end()
+    return {"results": {"sft_limit": probe.result(warmup)}}
+
+
 def measure_trl(tasks: list[str], build: dict, steps: dict, warmup: int, precompute: bool = False) -> dict:
     """TRL's trainers for `tasks` on the shared files, one after the other in this process; with
     `precompute`, DPO runs a second time with precompute_ref_log_probs=True (as `dpo_precompute`)."""
@@ -390,8 +429,12 @@ def run(quick: bool = False) -> dict:
         groups = [list(TASKS)] if plan["one_process"] else [[t] for t in TASKS]
         for rnd in range(plan["repeats"]):
             for tasks in groups:
-                for side in ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours"):
-                    kwargs = {"tasks": tasks, "build": build, "steps": steps, "warmup": warmup}
+                # SFT's denominator, the bare-loop limit, is measured between the same rounds as SFT itself.
+                sides = ("ours", "trl", "limit") if "sft" in tasks else ("ours", "trl")
+                for side in sides if rnd % 2 == 0 else sides[::-1]:
+                    kwargs = {"build": build, "steps": steps, "warmup": warmup}
+                    if side != "limit":
+                        kwargs["tasks"] = tasks
                     if side == "trl":
                         kwargs["precompute"] = not quick
                     child = run_isolated(f"benchmarks.throughput:measure_{side}", kwargs, threads=2)
@@ -427,6 +470,11 @@ def _report(runs: list[dict], build: dict, plan: dict, seconds: float) -> dict:
             res[f"{side}_windows"] = [{k: r[k] for k in WINDOW_KEYS if k in r} for r in rs]
         if ours_task == "sft":
             res["ours_positions_per_sec"] = statistics.median(r["positions_per_sec"] for r in ours)
+            limit = [r for r in runs if r["task"] == "sft_limit"]
+            if limit:
+                res["limit"] = statistics.median(r["tokens_per_sec"] for r in limit)
+                res["of_limit"] = o / res["limit"]
+                res["best_of_limit"] = best_o / max(r["tokens_per_sec"] for r in limit)
         results[key] = res
         rss = f"{res['ours_peak_rss_mb']:.0f} / {res['trl_peak_rss_mb']:.0f}"
         train_rss = f"{res['ours_train_peak_rss_mb']:.0f} / {res['trl_train_peak_rss_mb']:.0f}"
@@ -436,6 +484,17 @@ def _report(runs: list[dict], build: dict, plan: dict, seconds: float) -> dict:
     version = next((r["trl_version"] for r in runs if "trl_version" in r), "1.x")
     n = plan["repeats"]
     main = table(headers, rows, title=f"Training throughput vs TRL {version} (median of {n} run{'s' * (n > 1)})")
+    if "limit" in results.get("sft", {}):
+        sft = results["sft"]
+        limit_rows = [["bare fwd+bwd+fused AdamW loop (the limit)", "tokens/s", sft["limit"], "1.00x", "1.00x"]]
+        limit_rows.append(["ours, SFT packed", "real tokens/s", sft["ours"], f"{sft['of_limit']:.2f}x",
+                           f"{sft['best_of_limit']:.2f}x"])  # fmt: skip
+        limit_rows.append(["TRL SFTTrainer", "real tokens/s", sft["trl"], f"{sft['trl'] / sft['limit']:.2f}x", ""])
+        main += "\n\n" + table(
+            ["SFT against the limit", "unit", "median", "of limit", "best / best"],
+            limit_rows,
+            title=f"SFT against the bare-loop limit on the same model (median of {n} run{'s' * (n > 1)})",
+        )
     main += "\n\n" + _footnote(build, plan)
     # A run whose threads got much less than a core each shared the machine: its wall time is not the trainer's.
     disturbed = [r for r in runs if r["window_cpu_seconds"] < 0.75 * r["threads"] * r["window_seconds"]]
@@ -446,7 +505,7 @@ def _report(runs: list[dict], build: dict, plan: dict, seconds: float) -> dict:
     detail = [
         [
             r["round"],
-            r["task"] if r["task"] != "dpo_precompute" else "dpo (precompute)",
+            {"dpo_precompute": "dpo (precompute)", "sft_limit": "sft (bare loop)"}.get(r["task"], r["task"]),
             r["side"],
             r["window_steps"],
             r.get("pairs", r.get("conversations")),
@@ -455,7 +514,7 @@ def _report(runs: list[dict], build: dict, plan: dict, seconds: float) -> dict:
             r["window_seconds"],
             f"{r['window_cpu_seconds'] / r['window_seconds']:.1f}",
             f"{r['ref_seconds']:.2f} ({r['ref_pairs']})" if "ref_seconds" in r else "",
-            r[RATE["sft" if r["task"] == "sft" else "dpo"]],
+            r[RATE["sft" if r["task"].startswith("sft") else "dpo"]],
             f"{r['train_peak_rss_mb']:.0f}",
         ]
         for r in runs
@@ -494,7 +553,8 @@ def _footnote(build: dict, plan: dict) -> str:
         "of the last step (data, forward, backward, clipping, AdamW); ours = the sft / dpo / reward_model stages' "
         "Trainer.fit, TRL = trainer.train() with bf16=False and gradient_checkpointing=False (TRL defaults: bf16 "
         "autocast, recomputed activations), its fused AdamW and BFD packing kept. SFT tokens/s = real tokens: "
-        "TRL's packing is padding-free, ours pads next-fit rows to the max length. DPO: ours is charged its "
+        "TRL's packing is padding-free, ours repacks a batch's rows and pair batches padding-free (positions: "
+        "what the forward runs on). DPO: ours is charged its "
         "reference log-prob precomputation per pair (the train split is exactly what a run consumes), TRL's "
         "default runs the reference every step, its precompute row is charged like ours (and shares the TRL DPO "
         "process). best / best: the fastest run of each side (other processes only ever slow a run down; the "

@@ -41,6 +41,15 @@ def test_quick_run_structure_and_equal_work():
                 assert w["conversations"] >= window_steps * BATCH
         else:
             assert all(w["pairs"] == window_steps * BATCH for w in windows)
+    # SFT's denominator: the bare-loop limit, measured in the same run on full rows of the same model.
+    assert rows["sft"]["limit"] > 0 and rows["sft"]["of_limit"] == pytest.approx(
+        rows["sft"]["ours"] / rows["sft"]["limit"]
+    )
+    assert "SFT against the bare-loop limit" in main
+    limit = [r for r in out["results"]["runs"] if r["task"] == "sft_limit"]
+    assert len(limit) == QUICK["repeats"] and all(
+        r["tokens"] == r["positions"] == window_steps * BATCH * SEQ_LEN for r in limit
+    )
     # DPO is charged its reference log-probs over exactly the pairs a run consumes.
     dpo_ours = [r for r in out["results"]["runs"] if r["task"] == "dpo" and r["side"] == "ours"]
     assert dpo_ours and all(r["ref_pairs"] == QUICK["steps"]["dpo"] * BATCH for r in dpo_ours)

@@ -133,12 +133,14 @@ def test_dpo_loss_fn_adds_the_length_normalized_nll_on_chosen():
     _, ids, mask = _nll_batch()
     table = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
 
-    def model(input_ids, use_cache=False):  # logits depend on the current token only: a bigram table
+    def model(input_ids, position_ids=None, use_cache=False):  # logits of the current token only: a bigram table
         return SimpleNamespace(logits=table[input_ids])
 
     batch = {
         "chosen_ids": ids,
         "rejected_ids": ids.flip(0),
+        "chosen_length": torch.full((len(ids),), ids.shape[1]),
+        "rejected_length": torch.full((len(ids),), ids.shape[1]),
         "chosen_mask": mask,
         "rejected_mask": mask.flip(0),
         "chosen_full_mask": mask,

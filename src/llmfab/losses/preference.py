@@ -9,15 +9,24 @@ import torch
 import torch.nn.functional as F
 
 
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position: logits (..., V), targets (...)."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log π(x_t | x_<t) for t >= 1: shape (B, T-1)."""
-    logps = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return target_logps(logits[:, :-1], input_ids[:, 1:])
+
+
+def masked_logps_sum(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t log π(x_t | x_<t) over positions where `mask` (B, T) is 1, from token log-probs (B, T-1)."""
+    return (token_logps * mask[:, 1:]).sum(-1)
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_t log π(x_t | x_<t) over positions where `mask` (B, T) is 1."""
-    return (token_logps(logits, input_ids) * mask[:, 1:]).sum(-1)
+    return masked_logps_sum(token_logps(logits, input_ids), mask)
 
 
 def dpo_loss(
@@ -44,8 +53,13 @@ def masked_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
 def length_normalized_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mean_b [−log π(y_b | x_b) / |y_b|], y_b the masked tokens of row b: each response's NLL per token,
     averaged over responses (Iterative RPO's and Llama 3.1's NLL term on the chosen responses)."""
+    return length_normalized_nll_of(token_logps(logits, input_ids), mask)
+
+
+def length_normalized_nll_of(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """length_normalized_nll from token log-probs (B, T-1) instead of logits."""
     m = mask[:, 1:].float()
-    per_sequence = -(token_logps(logits, input_ids) * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    per_sequence = -(token_logps * m).sum(-1) / m.sum(-1).clamp_min(1.0)
     return per_sequence.mean()
 
 

@@ -9,9 +9,9 @@ from pydantic import Field
 
 from llmfab.config.base import StrictModel
 from llmfab.errors import ConfigError
-from llmfab.losses.preference import dpo_loss, length_normalized_nll, sequence_logps
+from llmfab.losses.preference import dpo_loss, length_normalized_nll_of, masked_logps_sum
 from llmfab.train.online_merging import OnlineMergingOptimizer
-from llmfab.train.pairs import stacked
+from llmfab.train.pairs import packed_token_logps, stacked, stacked_lengths
 
 
 class DPOLossConfig(StrictModel):
@@ -34,8 +34,12 @@ def dpo_loss_fn(config: DPOLossConfig):
 
     def loss_fn(model, batch):
         ids, mask = stacked(batch)
-        logits = model(input_ids=ids, use_cache=False).logits
-        chosen, rejected = sequence_logps(logits, ids, mask).chunk(2)
+        n = len(batch["chosen_ids"])
+        scored = mask
+        if config.nll_weight:  # the NLL reads the whole chosen response, formatting tokens included
+            scored = mask + torch.cat([batch["chosen_full_mask"], torch.zeros_like(batch["rejected_mask"])])
+        token_logps = packed_token_logps(model, ids, stacked_lengths(batch), scored.clamp_max(1))
+        chosen, rejected = masked_logps_sum(token_logps, mask).chunk(2)
         losses, chosen_r, rejected_r = dpo_loss(
             chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], config.beta
         )
@@ -46,8 +50,7 @@ def dpo_loss_fn(config: DPOLossConfig):
             "logps_chosen": chosen.mean().item(),
         }
         if config.nll_weight:
-            n = len(batch["chosen_ids"])
-            nll = length_normalized_nll(logits[:n], batch["chosen_ids"], batch["chosen_full_mask"])
+            nll = length_normalized_nll_of(token_logps[:n], batch["chosen_full_mask"])
             loss = loss + config.nll_weight * nll
             metrics["nll_chosen"] = nll.item()
         return loss, metrics

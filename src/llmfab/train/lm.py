@@ -13,7 +13,8 @@ from llmfab.data.io import iter_records
 from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, NoSplitError
 from llmfab.tracking import timing
-from llmfab.train.packing import IGNORE, mixture_sample, pack_documents
+from llmfab.train.head_positions import logits_at
+from llmfab.train.packing import IGNORE, mixture_sample, pack_documents, repack_documents
 from llmfab.train.trainer import SummedLoss
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,33 @@ def lm_forward(model, batch: dict[str, torch.Tensor]):
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
 
 
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, targets): the flattened (B·T) positions t whose next label is a target (not -100), and those
+    labels; position t predicts label t + 1 of its row, the last position of a row predicts nothing."""
+    nxt = torch.full_like(labels, IGNORE)
+    nxt[:, :-1] = labels[:, 1:]
+    flat = nxt.flatten()
+    index = (flat != IGNORE).nonzero().squeeze(-1)
+    return index, flat[index]
+
+
+# Above this share of positions carrying loss (documents: all but each piece's first token and the
+# padding), selecting them for the head saves little and costs a copy: the full logits are computed.
+HEAD_ON_ALL_ABOVE = 0.5
+
+
 def _lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    return token_nll_sum(lm_forward(model, batch).logits, batch["labels"]), {}
+    # token_nll_sum's sum, with the head and the log-softmax on the target positions only (head_positions),
+    # and rows that know their padding (`row_lengths`) repacked padding-free (packing.repack_documents).
+    index, targets = loss_positions(batch["labels"])
+    if "row_lengths" not in batch and len(index) > HEAD_ON_ALL_ABOVE * batch["labels"].numel():
+        return token_nll_sum(lm_forward(model, batch).logits, batch["labels"]), {}
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    if "row_lengths" in batch:
+        ids, pos, where = repack_documents(ids, pos, batch["row_lengths"])
+        index = where[index]
+    logits = logits_at(model, index, input_ids=ids, position_ids=pos)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
 
 
 # Next-token loss summed over target tokens; the Trainer divides by the step's target tokens.

@@ -23,8 +23,11 @@ from llmfab.data.chat import encode_chat, encode_response, formatting_mask
 from llmfab.data.schemas import as_messages
 from llmfab.data.tokenized import map_encode
 from llmfab.errors import DataError
+from llmfab.losses.preference import masked_logps_sum, target_logps
 from llmfab.tracking import timing
+from llmfab.train.head_positions import logits_at
 from llmfab.train.lm import step_batch
+from llmfab.train.packing import pack_padded
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +132,35 @@ def reward_at_last_token(reward_model, ids: torch.Tensor, lengths: torch.Tensor)
     index `lengths` - 1 (see the module docstring). `reward_model` is a transformers sequence classifier
     (its head is `score`), or a DDP / DeepSpeed wrapper of one: the forward runs through the wrapper and
     a hook keeps the head's per-token scores, which transformers would pool at the last non-pad token."""
-    per_token = []
-    hook = reward_model.score.register_forward_hook(lambda _module, _inputs, out: per_token.append(out))
-    try:
-        reward_model(input_ids=ids, use_cache=False)
-    finally:
-        hook.remove()
-    scores = per_token[-1][..., 0]  # (B, T)
+    scores = _per_token_scores(reward_model, input_ids=ids)  # (B, T)
     rows = torch.arange(len(ids), device=scores.device)
     return scores[rows, lengths.to(scores.device) - 1].float()
 
 
+def _per_token_scores(reward_model, **forward_kwargs) -> torch.Tensor:
+    per_token = []
+    hook = reward_model.score.register_forward_hook(lambda _module, _inputs, out: per_token.append(out))
+    try:
+        reward_model(**forward_kwargs, use_cache=False)
+    finally:
+        hook.remove()
+    return per_token[-1][..., 0]
+
+
+def packed_rewards(reward_model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """reward_at_last_token of the right-padded rows `ids`, computed padding-free: the conversations packed
+    into rows of the batch's width (packing.pack_padded), each read at its own last token."""
+    packed = pack_padded(ids, lengths, 0)  # the pad id is never attended to nor read
+    scores = _per_token_scores(reward_model, input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+    last = (packed["offsets"] + lengths.cpu() - 1).to(scores.device)
+    return scores.flatten().index_select(0, last).float()
+
+
 def pair_rewards(reward_model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) rewards of a pair batch, in one forward."""
+    """(chosen, rejected) rewards of a pair batch, in one padding-free forward."""
     ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
     lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
-    return reward_at_last_token(reward_model, ids, lengths).chunk(2)
+    return packed_rewards(reward_model, ids, lengths).chunk(2)
 
 
 def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +170,30 @@ def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def stacked_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The lengths of `stacked`'s rows: chosen, then rejected."""
+    return torch.cat([batch["chosen_length"], batch["rejected_length"]])
+
+
+def packed_token_logps(model, ids: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log π(x_t | x_<t) (N, T-1) of the right-padded rows `ids` (N, T) at the tokens where `mask[:, 1:]` is 1,
+    0 elsewhere: losses.preference.token_logps on those tokens, computed padding-free (the rows packed by
+    packing.pack_padded) with the head on the scored positions only (head_positions)."""
+    packed = pack_padded(ids, lengths, 0)  # the pad id is never attended to nor scored
+    rows, cols = mask[:, 1:].nonzero(as_tuple=True)  # token cols + 1 of row `rows`, predicted at cols
+    index = packed["offsets"].to(ids.device)[rows] + cols
+    logits = logits_at(model, index, input_ids=packed["input_ids"], position_ids=packed["position_ids"])
+    scored = target_logps(logits, ids[rows, cols + 1])
+    out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=scored.dtype, device=scored.device)
+    return out.index_put((rows, cols), scored)
+
+
+def pair_sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sequence_logps of a pair batch's chosen rows, then rejected rows (2B,), padding-free."""
+    ids, mask = stacked(batch)
+    return masked_logps_sum(packed_token_logps(model, ids, stacked_lengths(batch), mask), mask)
+
+
 @torch.no_grad()
 @timing.timed("score")
 def reference_logps(
@@ -161,7 +201,6 @@ def reference_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of every chosen and rejected response under `model` (computed once), on the training
     device and under the training's autocast, so step 0's policy log-probs equal them."""
-    from llmfab.losses.preference import sequence_logps
     from llmfab.train.distributed import training_device
 
     device = training_device()
@@ -169,11 +208,9 @@ def reference_logps(
     chosen, rejected = [], []
     n = len(rows["chosen_ids"])
     for i in range(0, n, batch_size):
-        batch = trim({k: v[i : i + batch_size] for k, v in rows.items()})
-        ids, mask = stacked(batch)
+        batch = trim({k: v[i : i + batch_size].to(device) for k, v in rows.items()})
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(input_ids=ids.to(device), use_cache=False).logits
-        logps = sequence_logps(logits, ids.to(device), mask.to(device)).cpu()
+            logps = pair_sequence_logps(model, batch).cpu()  # as the DPO loss computes them
         c, r = logps.chunk(2)
         chosen.append(c)
         rejected.append(r)

@@ -17,6 +17,7 @@ from llmfab.data.chat import IGNORE, encode_chat
 from llmfab.data.options import DataOptions
 from llmfab.data.tokenized import map_encode
 from llmfab.errors import DataError
+from llmfab.train.packing import best_fit_decreasing
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +51,26 @@ def encode_conversations(
 
 
 def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, seed: int = 0):
-    """First-fit packing in a seeded order: rows of input_ids / position_ids / labels, where the
-    label of a token is itself when its mask is 1 and -100 otherwise (prompts, padding)."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    rows: list[tuple[list[int], list[int], list[int]]] = []
-    ids, pos, labels = [], [], []
-    for i in order:
-        ex_ids, ex_mask = examples[i]
-        if len(ids) + len(ex_ids) > seq_len:
-            rows.append((ids, pos, labels))
-            ids, pos, labels = [], [], []
-        ids += ex_ids
-        pos += list(range(len(ex_ids)))
-        labels += [t if m else IGNORE for t, m in zip(ex_ids, ex_mask, strict=True)]
-    if ids:
-        rows.append((ids, pos, labels))
-    out = {"input_ids": [], "position_ids": [], "labels": []}
-    for ids, pos, labels in rows:
+    """Rows of input_ids / position_ids / labels, the label of a token itself where its mask is 1 and -100
+    elsewhere (prompts, padding), and row_lengths: a row's real tokens (lm_loss repacks rows padding-free).
+    Best-fit decreasing fills every row but the last few nearly to `seq_len`
+    (far less padding than starting a row whenever the next example does not fit); the rows then come in
+    a seeded order, so a batch's rows are not sorted by length."""
+    bins = best_fit_decreasing([len(ids) for ids, _ in examples], seq_len)
+    random.Random(seed).shuffle(bins)
+    out = {"input_ids": [], "position_ids": [], "labels": [], "row_lengths": []}
+    for members in bins:
+        ids, pos, labels = [], [], []
+        for i in members:
+            ex_ids, ex_mask = examples[i]
+            ids += ex_ids
+            pos += list(range(len(ex_ids)))
+            labels += [t if m else IGNORE for t, m in zip(ex_ids, ex_mask, strict=True)]
         pad = seq_len - len(ids)
         out["input_ids"].append(ids + [pad_id] * pad)
         out["position_ids"].append(pos + list(range(pos[-1] + 1, pos[-1] + 1 + pad)))
         out["labels"].append(labels + [IGNORE] * pad)
+        out["row_lengths"].append(len(ids))
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 

@@ -151,6 +151,18 @@ class _DataParallel(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
+def _fused_adamw(params: list[torch.nn.Parameter], config: TrainConfig) -> bool | None:
+    """Fused AdamW (one kernel for every parameter's update) on CUDA; the foreach one elsewhere.
+
+    DeepSpeed steps its own partitions of the parameters, so it keeps the plain AdamW. On CPU the fused
+    kernel is faster too, but it rounds each update differently, and the tiny CPU recipes (AFM's above
+    all) were validated on the foreach numerics: their SFT gold moved 0.70 -> 0.54 / 0.14 with it.
+    """
+    # The Trainer moves the model to training_device() after building the optimizer: ask where it goes.
+    on_cuda = training_device().type == "cuda" and all(p.is_floating_point() for p in params)
+    return True if on_cuda and config.deepspeed is None else None
+
+
 class Trainer:
     def __init__(
         self,
@@ -187,6 +199,7 @@ class Trainer:
             [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=opt.lr,
             betas=opt.betas,
+            fused=_fused_adamw(params, config),
         )
         if wrap_optimizer is not None:  # e.g. the Online Merging Optimizer around AdamW
             if config.deepspeed is not None:
