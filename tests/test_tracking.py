@@ -4,7 +4,7 @@ from llmfab.errors import ConfigError, LlmfabError
 from llmfab.stages.base import StageConfig, stage
 from llmfab.stages.runner import run_stage
 from llmfab.storage import open_store
-from llmfab.tracking import Tracker, flatten_params, tracking_uri
+from llmfab.tracking import TrackedRun, Tracker, flatten_params, tracking_uri
 
 
 def test_tracking_uri_precedence(monkeypatch):
@@ -37,6 +37,29 @@ def test_nested_runs_and_failure_status(tracking_uri):
     assert children["child"].data.params == {"a.b": "1"}
     history = tracker.client.get_metric_history(children["child"].info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
+def test_run_metrics_are_batched_and_sent_by_the_end(tracking_uri, monkeypatch):
+    """A run from Tracker.run on a sqlite file sends its metrics in batches (one MLflow call, not one per
+    log_metrics), each with the time it was logged; all of them are sent before the run ends, a failed run's too."""
+    tracker = Tracker(tracking_uri, "exp")
+    calls, send = [], tracker.client.log_batch
+    monkeypatch.setattr(tracker.client, "log_batch", lambda run_id, **kw: calls.append(kw) or send(run_id, **kw))
+    with pytest.raises(RuntimeError), tracker.run("broken") as run:
+        for step in range(1, 6):
+            run.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
+        assert not any("metrics" in c and c["metrics"] for c in calls)  # held, within METRICS_FLUSH_SECONDS
+        raise RuntimeError("boom")
+    assert len([c for c in calls if c.get("metrics")]) == 1
+    finished = tracker.client.get_run(run.run_id)
+    assert finished.info.status == "FAILED"
+    history = tracker.client.get_metric_history(run.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / s) for s in range(1, 6)]
+    # A run made directly (a pipeline's parent run, updated after its steps) sends each call at once.
+    direct = TrackedRun(tracker.client, run.run_id, tracker.experiment_id)
+    tracker.client.update_run(run.run_id, status="RUNNING")
+    direct.log_metrics({"late": 1.0})
+    assert tracker.client.get_run(run.run_id).data.metrics["late"] == 1.0
 
 
 class EchoConfig(StageConfig):

@@ -22,6 +22,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "llmfab"
 PARENT_RUN_ENV = "LLMFAB_PARENT_RUN_ID"
 MAX_PARAM_CHARS = 6000
+METRICS_FLUSH_SECONDS = 5.0  # a run from Tracker.run on a sqlite file sends its metrics at most this late
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -99,12 +100,18 @@ def system_info() -> dict[str, str]:
 
 
 class TrackedRun:
-    """One MLflow run, addressed by id."""
+    """One MLflow run, addressed by id. With `flush_seconds`, metrics are sent in batches: held until that long after
+    the first one waiting, then sent in one call (a training loop logs every few steps, and each call is a round
+    trip: a commit to a sqlite file, a request to a server); `flush()` sends what waits (Tracker.run does at the end).
+    """
 
-    def __init__(self, client, run_id: str, experiment_id: str):
+    def __init__(self, client, run_id: str, experiment_id: str, flush_seconds: float = 0.0):
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.flush_seconds = flush_seconds
+        self._pending: list = []  # Metrics logged and not yet sent
+        self._pending_since = 0.0
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -117,8 +124,17 @@ class TrackedRun:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # each metric keeps the time it was logged at, however late it is sent
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.extend(items)
+        if len(self._pending) >= 1000 or time.monotonic() - self._pending_since >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the metrics that wait (MLflow caps a batch at 1000)."""
+        items, self._pending = self._pending, []
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -197,7 +213,10 @@ class Tracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         with self._failures("cannot start a run"):
             created = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        run = TrackedRun(self.client, created.info.run_id, self.experiment_id)
+        # A sqlite file: batched metrics, each call being a commit to disk. A server: each call at once, so that a
+        # stage stops at its next step when the server goes away (its checkpoints kept, see test_reliability).
+        batched = METRICS_FLUSH_SECONDS if self.uri.startswith("sqlite:") else 0.0
+        run = TrackedRun(self.client, created.info.run_id, self.experiment_id, flush_seconds=batched)
         status = "FAILED"
         try:
             # A stage's own errors pass through; MLflow's (e.g. the server went away mid-stage) name the server.
@@ -210,6 +229,7 @@ class Tracker:
         finally:
             try:
                 with self._failures(f"cannot mark run {run.run_id} {status}"):
+                    run.flush()  # a failed run keeps the metrics it logged, as a finished one does
                     self.client.set_terminated(run.run_id, status=status)
             except TrackingError:
                 if status == "FINISHED":
