@@ -11,8 +11,9 @@ from transformers import AutoModelForSequenceClassification
 from llmfab.config.model import ModelConfig
 from llmfab.losses.preference import sequence_logps, token_logps
 from llmfab.models import build_hf_config, build_model
+from llmfab.train import head_positions
 from llmfab.train import lm as lm_module
-from llmfab.train.head_positions import head_on, logits_at
+from llmfab.train.head_positions import head_on, logits_at, target_logps_at
 from llmfab.train.lm import lm_forward, lm_loss, loss_positions, token_nll_sum
 from llmfab.train.packing import best_fit_decreasing, pack_padded
 
@@ -108,7 +109,7 @@ def test_lm_loss_on_documents_computes_the_full_logits_as_before(monkeypatch):
     def no_selection(*args, **kwargs):
         raise AssertionError("the head ran on selected positions")
 
-    monkeypatch.setattr(lm_module, "logits_at", no_selection)
+    monkeypatch.setattr(lm_module, "target_logps_at", no_selection)
     assert torch.equal(lm_loss(model, batch)[0], expected)
 
 
@@ -128,6 +129,29 @@ def test_head_on_reaches_through_wrappers_and_falls_back_without_a_head():
         assert hooked and Wrapper(model)(input_ids=torch.ones(2, 13, dtype=torch.long)).logits.shape == (3, 97)
     with head_on(torch.nn.Identity(), index) as hooked:
         assert not hooked
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_target_logps_in_chunks_match_the_whole_logits(arch, monkeypatch):
+    # Beyond LOGITS_BUDGET the head runs on a few positions at a time (Gemma 2's softcap applied by us, as its
+    # forward does) and recomputes them in the backward: the same log-probs and gradients, never more rows at once.
+    model = build_model(_config(arch), seed=0).train()
+    ids, _, _ = _batch(3)
+    index = torch.arange(1, ids.numel(), 3)
+    targets = torch.randint(0, 97, (len(index),), generator=torch.Generator().manual_seed(4))
+    whole = target_logps_at(model, index, targets, input_ids=ids)
+    whole.sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
+    monkeypatch.setattr(head_positions, "LOGITS_BUDGET", 97 * 5)
+    chunked = target_logps_at(model, index, targets, input_ids=ids)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    chunked.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert max(rows) == 5 and sum(rows) >= 2 * len(index)  # chunks of 5 rows, each run again in the backward
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -288,6 +288,33 @@ def test_a_frozen_model_is_partitioned_under_zero3_and_scores_as_whole(tmp_path,
     assert not is_partitioned(sharded)
 
 
+def test_target_logps_in_chunks_on_a_partitioned_model(monkeypatch):
+    """Beyond the logits budget the head is called outside the model's forward: under ZeRO-3 that call gathers
+    its partitioned weight as the forward's does, and the log-probs equal the whole model's."""
+    from llmfab.config.model import ModelConfig
+    from llmfab.models.architectures import build_model
+    from llmfab.train import head_positions
+    from llmfab.train.config import TrainConfig
+    from llmfab.train.distributed import frozen_model, release_frozen
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = ModelConfig(arch="gemma2", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_position_embeddings=64, final_logit_softcapping=5.0)  # fmt: skip
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    index, targets = torch.arange(0, 31, 2), ids.flatten()[1::2]
+    with torch.no_grad():
+        want = head_positions.target_logps_at(model, index, targets, input_ids=ids)
+    sharded = frozen_model(model, TrainConfig(deepspeed=ZERO3))
+    monkeypatch.setattr(head_positions, "LOGITS_BUDGET", 256 * 4)
+    try:
+        with torch.no_grad():
+            got = head_positions.target_logps_at(sharded, index, targets, input_ids=ids)
+        torch.testing.assert_close(got, want)
+    finally:
+        release_frozen(sharded)
+
+
 @pytest.mark.slow  # torchrun starts DeepSpeed ZeRO-3 on two CPU ranks
 def test_lora_sft_on_two_zero3_ranks(inputs, tmp_path):
     """LoRA adapters on a ZeRO-3 base across two ranks: the output is the adapter merged into a plain folder,

@@ -13,7 +13,7 @@ from llmfab.data.io import iter_records
 from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, NoSplitError
 from llmfab.tracking import timing
-from llmfab.train.head_positions import logits_at
+from llmfab.train.head_positions import target_logps_at
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents, repack_documents
 from llmfab.train.trainer import SummedLoss
 
@@ -80,6 +80,7 @@ HEAD_ON_ALL_ABOVE = 0.5
 
 def _lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     # token_nll_sum's sum, with the head and the log-softmax on the target positions only (head_positions),
+    # a chunk at a time where their logits would be many (LOGITS_BUDGET),
     # and rows that know their padding (`row_lengths`) repacked padding-free (packing.repack_documents).
     index, targets = loss_positions(batch["labels"])
     if "row_lengths" not in batch and len(index) > HEAD_ON_ALL_ABOVE * batch["labels"].numel():
@@ -88,8 +89,7 @@ def _lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
     if "row_lengths" in batch:
         ids, pos, where = repack_documents(ids, pos, batch["row_lengths"])
         index = where[index]
-    logits = logits_at(model, index, input_ids=ids, position_ids=pos)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
+    return -target_logps_at(model, index, targets, input_ids=ids, position_ids=pos).sum(), {}
 
 
 # Next-token loss summed over target tokens; the Trainer divides by the step's target tokens.

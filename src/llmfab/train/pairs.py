@@ -23,9 +23,9 @@ from llmfab.data.chat import encode_chat, encode_response, formatting_mask
 from llmfab.data.schemas import as_messages
 from llmfab.data.tokenized import map_encode
 from llmfab.errors import DataError
-from llmfab.losses.preference import masked_logps_sum, target_logps
+from llmfab.losses.preference import masked_logps_sum
 from llmfab.tracking import timing
-from llmfab.train.head_positions import logits_at
+from llmfab.train.head_positions import target_logps_at
 from llmfab.train.lm import step_batch
 from llmfab.train.packing import pack_padded
 
@@ -182,8 +182,8 @@ def packed_token_logps(model, ids: torch.Tensor, lengths: torch.Tensor, mask: to
     packed = pack_padded(ids, lengths, 0)  # the pad id is never attended to nor scored
     rows, cols = mask[:, 1:].nonzero(as_tuple=True)  # token cols + 1 of row `rows`, predicted at cols
     index = packed["offsets"].to(ids.device)[rows] + cols
-    logits = logits_at(model, index, input_ids=packed["input_ids"], position_ids=packed["position_ids"])
-    scored = target_logps(logits, ids[rows, cols + 1])
+    targets = ids[rows, cols + 1]
+    scored = target_logps_at(model, index, targets, input_ids=packed["input_ids"], position_ids=packed["position_ids"])
     out = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=scored.dtype, device=scored.device)
     return out.index_put((rows, cols), scored)
 
