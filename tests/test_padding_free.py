@@ -95,7 +95,7 @@ def test_lm_loss_on_target_positions_matches_full_logits(arch):
     torch.testing.assert_close(logits_at(model, index, input_ids=ids), full, atol=1e-5, rtol=1e-5)
 
 
-def test_lm_loss_on_documents_computes_the_full_logits_as_before(monkeypatch):
+def test_lm_loss_on_documents_takes_the_full_logits_within_the_budget(monkeypatch):
     # Pretraining rows carry loss on most positions, even with short documents (here 4 tokens, each first
     # one unlabelled): the loss is token_nll_sum's, bit for bit, so pretraining's numerics are unchanged.
     model = build_model(_config("qwen2"), seed=0).train()
@@ -109,8 +109,12 @@ def test_lm_loss_on_documents_computes_the_full_logits_as_before(monkeypatch):
     def no_selection(*args, **kwargs):
         raise AssertionError("the head ran on selected positions")
 
-    monkeypatch.setattr(lm_module, "target_logps_at", no_selection)
-    assert torch.equal(lm_loss(model, batch)[0], expected)
+    with monkeypatch.context() as patched:
+        patched.setattr(lm_module, "target_logps_at", no_selection)
+        assert torch.equal(lm_loss(model, batch)[0], expected)
+    # Whose full logits would pass the budget: the head a chunk at a time, the same loss.
+    monkeypatch.setattr(head_positions, "LOGITS_BUDGET", 97 * 8)
+    torch.testing.assert_close(lm_loss(model, batch)[0], expected, atol=1e-4, rtol=1e-6)
 
 
 def test_head_on_reaches_through_wrappers_and_falls_back_without_a_head():

@@ -70,15 +70,21 @@ def logits_at(model, index: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     return logits if hooked else logits.flatten(0, -2).index_select(0, index)
 
 
+def fits_budget(model, positions: int) -> bool:
+    """Whether the logits of `positions` positions stay within LOGITS_BUDGET (or the head's width is unknown)."""
+    vocab = getattr(output_head(model), "out_features", None)
+    return vocab is None or positions * vocab <= LOGITS_BUDGET
+
+
 def target_logps_at(model, index: torch.Tensor, targets: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """log softmax(logits)[target] (K,) at the flattened positions `index` (K,) of `model(**forward_kwargs)`, for
     next tokens `targets` (K,). Within LOGITS_BUDGET: target_logps of `logits_at`. Beyond it, the forward hands
     the head no rows and keeps the hidden states at `index`; the head (with the model's final softcap) then runs
     on LOGITS_BUDGET / V of them at a time under activation checkpointing."""
-    head = output_head(model)
-    vocab = getattr(head, "out_features", None)
-    if vocab is None or len(index) * vocab <= LOGITS_BUDGET:
+    if fits_budget(model, len(index)):
         return target_logps(logits_at(model, index, **forward_kwargs), targets)
+    head = output_head(model)
+    vocab = head.out_features
     kept = []
 
     def keep(_module, args):

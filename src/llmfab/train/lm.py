@@ -13,7 +13,7 @@ from llmfab.data.io import iter_records
 from llmfab.data.options import DataOptions
 from llmfab.errors import DataError, NoSplitError
 from llmfab.tracking import timing
-from llmfab.train.head_positions import target_logps_at
+from llmfab.train.head_positions import fits_budget, target_logps_at
 from llmfab.train.packing import IGNORE, mixture_sample, pack_documents, repack_documents
 from llmfab.train.trainer import SummedLoss
 
@@ -74,7 +74,8 @@ def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Above this share of positions carrying loss (documents: all but each piece's first token and the
-# padding), selecting them for the head saves little and costs a copy: the full logits are computed.
+# padding), selecting them for the head saves little and costs a copy: the full logits are computed,
+# as long as they fit head_positions.LOGITS_BUDGET.
 HEAD_ON_ALL_ABOVE = 0.5
 
 
@@ -83,7 +84,8 @@ def _lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
     # a chunk at a time where their logits would be many (LOGITS_BUDGET),
     # and rows that know their padding (`row_lengths`) repacked padding-free (packing.repack_documents).
     index, targets = loss_positions(batch["labels"])
-    if "row_lengths" not in batch and len(index) > HEAD_ON_ALL_ABOVE * batch["labels"].numel():
+    documents = "row_lengths" not in batch and len(index) > HEAD_ON_ALL_ABOVE * batch["labels"].numel()
+    if documents and fits_budget(model, batch["labels"].numel()):
         return token_nll_sum(lm_forward(model, batch).logits, batch["labels"]), {}
     ids, pos = batch["input_ids"], batch["position_ids"]
     if "row_lengths" in batch:
