@@ -195,12 +195,12 @@ class _Probe:
 
 
 def _ours_one(task: str, build: dict, steps: int, warmup: int) -> dict:
-    import torch
 
     import llmfab.stages.base as base
     from llmfab.stages.runner import get_stage, run_stage
     from llmfab.storage import open_store
     from llmfab.train.packing import pack_padded, repack_documents
+    from llmfab.train.pairs import stacked, stacked_lengths
 
     # Where the batch function is a module global at call time: SFT's loop lives in train/sft.py.
     module = importlib.import_module("llmfab.train.sft" if task == "sft" else get_stage(task).fn.__module__)
@@ -230,8 +230,7 @@ def _ours_one(task: str, build: dict, steps: int, warmup: int) -> dict:
 
         def counted_pair_batch(*args, **kwargs):
             b = pair_batch(*args, **kwargs)
-            ids = torch.cat([b["chosen_ids"], b["rejected_ids"]])
-            lengths = torch.cat([b["chosen_length"], b["rejected_length"]])
+            ids, lengths = stacked(b)[0], stacked_lengths(b)
             # The positions the forward runs on: the pairs packed padding-free where the stages pack them.
             packed = pack_padded(ids, lengths, pad_id)["input_ids"]
             probe.pair_batch(ids, int(lengths.sum()), int(packed.numel()))

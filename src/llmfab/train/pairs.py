@@ -158,9 +158,8 @@ def packed_rewards(reward_model, ids: torch.Tensor, lengths: torch.Tensor) -> to
 
 def pair_rewards(reward_model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards of a pair batch, in one padding-free forward."""
-    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
-    lengths = torch.cat([batch["chosen_length"], batch["rejected_length"]])
-    return packed_rewards(reward_model, ids, lengths).chunk(2)
+    ids, _ = stacked(batch)
+    return packed_rewards(reward_model, ids, stacked_lengths(batch)).chunk(2)
 
 
 def stacked(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -152,11 +152,12 @@ class _DataParallel(torch.nn.parallel.DistributedDataParallel):
 
 
 def _fused_adamw(params: list[torch.nn.Parameter], config: TrainConfig) -> bool | None:
-    """Fused AdamW (one kernel for every parameter's update) on CUDA; the foreach one elsewhere.
+    """Fused AdamW (one kernel for every parameter's update) on CUDA; torch's default elsewhere (on CPU, a
+    loop over the parameters).
 
     DeepSpeed steps its own partitions of the parameters, so it keeps the plain AdamW. On CPU the fused
     kernel is faster too, but it rounds each update differently, and the tiny CPU recipes (AFM's above
-    all) were validated on the foreach numerics: their SFT gold moved 0.70 -> 0.54 / 0.14 with it.
+    all) were validated on the default numerics: their SFT gold moved 0.70 -> 0.54 / 0.14 with it.
     """
     # The Trainer moves the model to training_device() after building the optimizer: ask where it goes.
     on_cuda = training_device().type == "cuda" and all(p.is_floating_point() for p in params)
